@@ -1,0 +1,76 @@
+"""Teachers: a frozen denoiser plus what samplers need to know about it.
+
+``load_unet_teacher`` loads a diffusers folder laid out like a hub pipeline
+(``unet/`` + ``scheduler/``) from a local path or a hub id, exactly as diffusers does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dmd.denoisers import DiffusersUNetDenoiser, Denoiser, GaussianMixtureDenoiser
+from dmd.schedule import VPSchedule
+
+
+@dataclass
+class Teacher:
+    """A frozen x0-predictor, the shape of one sample and the number of classes (0 = none)."""
+
+    denoiser: Denoiser
+    sample_shape: tuple[int, ...]
+    num_classes: int = 0
+
+    def null_condition(self, n: int, device=None):
+        """The unconditional input used by CFG, or None for unconditional models."""
+        if not self.num_classes:
+            return None
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+
+    def labels(self, n: int, device=None):
+        """Balanced class labels 0, 1, ..., C-1, 0, 1, ... (None for unconditional models)."""
+        if not self.num_classes:
+            return None
+        return torch.arange(n, device=device) % self.num_classes
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_unet_teacher(path: str, subfolder_unet: str = "unet",
+                      subfolder_scheduler: str = "scheduler") -> Teacher:
+    """Load a class-conditional ``UNet2DModel`` teacher and its scheduler (frozen)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    local = Path(path).expanduser()
+    if (local.is_absolute() or str(path).startswith(".")) and not local.is_dir():
+        raise FileNotFoundError(
+            f"Teacher folder {local} does not exist. Point teacher.path at a diffusers folder with "
+            f"'{subfolder_unet}/' and '{subfolder_scheduler}/' (as written by `python -m dmd.pretrain`)."
+        )
+    try:
+        unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder_unet)
+        scheduler = DDPMScheduler.from_pretrained(str(path), subfolder=subfolder_scheduler)
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"Could not load a diffusers UNet2DModel + scheduler from {path!r}: {err}. Expected "
+            f"'{subfolder_unet}/config.json', '{subfolder_unet}/diffusion_pytorch_model.safetensors' "
+            f"and '{subfolder_scheduler}/scheduler_config.json'."
+        ) from err
+    denoiser = DiffusersUNetDenoiser(_freeze(unet), VPSchedule.from_diffusers(scheduler),
+                                     scheduler.config.prediction_type)
+    num_embeds = unet.config.num_class_embeds or 0
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    # The last class embedding row is the null class used for classifier-free guidance.
+    return Teacher(denoiser, shape, max(num_embeds - 1, 0))
+
+
+def gaussian_mixture_teacher(mixture, scheduler) -> Teacher:
+    """The analytic (exact) denoiser of a 2-D mixture, as an unconditional teacher."""
+    schedule = VPSchedule.from_diffusers(scheduler)
+    denoiser = GaussianMixtureDenoiser(schedule, mixture.means, mixture.stds, mixture.weights)
+    return Teacher(_freeze(denoiser), (mixture.means.shape[1],), 0)
