@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dmd.conditioning import guided_x0
-from dmd.schedule import trailing_timesteps
+from dmd.schedule import sampling_timesteps
 
 SAMPLERS = ("ddim", "euler", "heun")
 
@@ -28,9 +28,10 @@ def sample_ode(
     steps: int = 25,
     guidance_scale: float = 1.0,
     order: int = 1,
+    spacing: str = "karras",
     progress: bool = False,
 ) -> Tensor:
-    """Integrate from x_{T-1} = ``noise`` to x0 over ``steps`` trailing timesteps.
+    """Integrate from x_{T-1} = ``noise`` to x0 over ``steps`` timesteps (see ``sampling_timesteps``).
 
     Returns the final x0 prediction. NFE = steps for order 1 and 2 * steps - 1 for order 2
     (times two with classifier-free guidance).
@@ -38,7 +39,7 @@ def sample_ode(
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (Euler/DDIM) or 2 (Heun), got {order}.")
     schedule = denoiser.schedule
-    ts = trailing_timesteps(steps, schedule.num_train_timesteps)
+    ts = sampling_timesteps(steps, schedule, spacing)
     x = noise
 
     def x0_at(x, t):
@@ -68,12 +69,13 @@ def sample_ode(
     return x.to(noise.dtype)
 
 
-def sample(denoiser, noise, cond=None, uncond=None, name="ddim", steps=25, guidance_scale=1.0, progress=False):
+def sample(denoiser, noise, cond=None, uncond=None, name="ddim", steps=25, guidance_scale=1.0,
+           spacing="karras", progress=False):
     """Dispatch by sampler name: ``ddim`` / ``euler`` (first order) or ``heun`` (second order)."""
     if name not in SAMPLERS:
         raise ValueError(f"Unknown sampler {name!r}; choose one of {SAMPLERS}.")
     order = 2 if name == "heun" else 1
-    return sample_ode(denoiser, noise, cond, uncond, steps, guidance_scale, order, progress)
+    return sample_ode(denoiser, noise, cond, uncond, steps, guidance_scale, order, spacing, progress)
 
 
 def nfe(name: str, steps: int, guidance_scale: float) -> int:

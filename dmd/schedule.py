@@ -114,3 +114,35 @@ def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}.")
     step = num_train_timesteps / num_steps
     return [round(num_train_timesteps - i * step) - 1 for i in range(num_steps)]
+
+
+SPACINGS = ("trailing", "linspace", "karras")
+
+
+def sampling_timesteps(num_steps: int, schedule: VPSchedule, spacing: str = "karras",
+                       rho: float = 7.0) -> list[int]:
+    """Decreasing integer timesteps for an ODE sampler that ends near the data.
+
+    ``trailing`` (starts at T-1, ends at T/K - 1: the generator's grid), ``linspace`` (T-1 .. 0)
+    or ``karras`` (EDM's sigma^(1/rho) spacing between sigma(T-1) and sigma(0), each level
+    mapped to the nearest integer timestep; dense at low noise where few-step samplers err).
+    """
+    T = schedule.num_train_timesteps
+    if spacing == "trailing":
+        return trailing_timesteps(num_steps, T)
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}.")
+    if num_steps == 1:
+        return [T - 1]
+    if spacing == "linspace":
+        ts = torch.linspace(T - 1, 0, num_steps).round().long()
+    elif spacing == "karras":
+        abar = schedule.alphas_cumprod
+        log_sigmas = (((1 - abar) / abar).sqrt()).log()  # VE sigma of every integer timestep
+        s_max, s_min = log_sigmas[-1].exp() ** (1 / rho), log_sigmas[0].exp() ** (1 / rho)
+        ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+        targets = ((s_max + ramp * (s_min - s_max)) ** rho).log()
+        ts = (log_sigmas[None, :] - targets[:, None]).abs().argmin(dim=1)
+    else:
+        raise ValueError(f"Unknown timestep spacing {spacing!r}; choose one of {SPACINGS}.")
+    return list(dict.fromkeys(ts.tolist()))  # strictly decreasing, duplicates dropped

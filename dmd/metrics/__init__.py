@@ -1,0 +1,1 @@
+"""Metrics: feature networks and Frechet distances on their features."""

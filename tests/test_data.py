@@ -1,0 +1,62 @@
+import gzip
+import shutil
+
+import pytest
+import torch
+
+from dmd.data import FashionMNISTDataModule, GaussianMixture, load_fashion_mnist
+from dmd.data.fmnist import DEBIAN_DIR
+
+
+def test_fashion_mnist_from_debian_package():
+    images, labels = load_fashion_mnist("test")
+    assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (10000,) and set(labels.unique().tolist()) == set(range(10))
+    dm = FashionMNISTDataModule(batch_size=16)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+    assert len(dm.train_set) == 60000
+
+
+def test_fashion_mnist_from_a_configured_uncompressed_folder(tmp_path):
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(DEBIAN_DIR / f"{stem}.gz") as src, open(tmp_path / stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    images, _ = load_fashion_mnist("test", root=tmp_path)
+    assert torch.equal(images, load_fashion_mnist("test")[0])
+
+
+def test_missing_fashion_mnist_names_all_three_fixes(tmp_path, monkeypatch):
+    monkeypatch.setattr("dmd.data.fmnist.DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as err:
+        load_fashion_mnist("train", root=tmp_path / "empty")
+    msg = str(err.value)
+    assert "data.root" in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert "data.download=true" in msg and str(tmp_path / "empty") in msg
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(DEBIAN_DIR / f"{stem}.gz") as src:
+            data = src.read()
+        (tmp_path / stem).write_bytes(data[: len(data) // 2] if "images" in stem else data)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_fashion_mnist("test", root=tmp_path)
+
+
+def test_gmm8_preset_layout():
+    mix = GaussianMixture.ring(8, 2.0, 0.1)
+    assert torch.allclose(mix.means.norm(dim=1), torch.full((8,), 2.0))
+    assert torch.allclose(mix.means[2], torch.tensor([0.0, 2.0]), atol=1e-6)
+    x, k = mix.sample(80000, torch.Generator().manual_seed(0))
+    assert torch.bincount(k).float().div(80000).sub(1 / 8).abs().max() < 0.01
+    assert (x - mix.means[k]).std().item() == pytest.approx(0.1, rel=0.02)
+
+
+def test_unequal_weights_preset_and_bad_weights():
+    mix = GaussianMixture.ring(weights=[8, 1, 4, 1, 2, 1, 4, 1])
+    assert mix.weights.sum().item() == pytest.approx(1.0)
+    assert mix.weights[0].item() == pytest.approx(8 / 22)
+    with pytest.raises(ValueError, match="non-negative"):
+        GaussianMixture.ring(weights=[1, 2])
