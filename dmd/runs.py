@@ -49,6 +49,6 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
 
 def build_trainer(cfg: DictConfig, out_dir: Path, callbacks=()) -> pl.Trainer:
     """Instantiate ``cfg.trainer`` with the configured logger and extra callbacks."""
-    logger = instantiate(cfg.logger) if cfg.logger is not None else False
+    logger = instantiate(cfg.logger) if cfg.logger else False  # logger=none gives an empty node
     return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks),
                        default_root_dir=str(out_dir))

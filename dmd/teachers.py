@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dmd.denoisers import DiffusersUNetDenoiser, Denoiser, GaussianMixtureDenoiser
+from dmd.denoisers import Denoiser, DiffusersUNetDenoiser, GaussianMixtureDenoiser
 from dmd.schedule import VPSchedule
 
 

@@ -3,10 +3,9 @@
 import re
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-
-from conftest import ROOT
 
 ENTRY_CONFIGS = ["pretrain", "sample", "train_classifier"]
 

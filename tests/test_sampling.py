@@ -45,8 +45,9 @@ def test_sampling_timesteps_start_at_noise_and_end_at_data(gmm_teacher):
 
 
 def test_guided_x0_is_uncond_plus_w_times_difference(tiny_unet_kwargs):
-    from dmd.denoisers import DiffusersUNetDenoiser
     from diffusers import UNet2DModel
+
+    from dmd.denoisers import DiffusersUNetDenoiser
 
     torch.manual_seed(0)
     den = DiffusersUNetDenoiser(UNet2DModel(**tiny_unet_kwargs), gmm_schedule(), "v_prediction")

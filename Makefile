@@ -1,0 +1,31 @@
+# make run: set up and run the main job.  make test: set up and run the tests.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-stamp
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup run test lint
+setup: $(STAMP)
+
+# torch/torchvision first, pinned: on the project's machines they install from local wheels
+# (an unpinned torch would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	test -d $(FMNIST) || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
+	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+	touch $(STAMP)
+
+# The main job: 100 class-balanced samples from the bundled teacher (npz + PNG grid).
+run: setup
+	$(PY) -m dmd.sample num_samples=100 out=outputs/teacher_samples.npz sampler=heun \
+	  sampler.steps=13 sampler.guidance_scale=2.0
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check dmd tests experiments
