@@ -35,7 +35,7 @@ def floor(classifier, n: int = 10_000, seed: int = 0) -> dict:
     train, _ = load_fashion_mnist("train")
     test, test_labels = load_fashion_mnist("test")
     idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    train_feats, _ = extract(classifier, train[idx])
+    train_feats, _ = extract(classifier, train[idx], progress=True)
     test_feats, logits = extract(classifier, test)
     return {"classifier_test_accuracy": (logits.argmax(-1) == test_labels).float().mean().item(),
             "fid_fmnist_train10k_vs_test": fid_from_features(train_feats, test_feats)}

@@ -34,6 +34,8 @@ def test_missing_fashion_mnist_names_all_three_fixes(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "data.root" in msg and "apt-get install dataset-fashion-mnist" in msg
     assert "data.download=true" in msg and str(tmp_path / "empty") in msg
+    with pytest.raises(FileNotFoundError, match="needs data.root to download into"):
+        load_fashion_mnist("train", download=True)
 
 
 def test_truncated_idx_file_is_reported(tmp_path):

@@ -53,34 +53,30 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None,
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     img_stem, lbl_stem = _FILES[split]
-    for folder in _candidate_dirs(root):
-        img, lbl = _find(folder, img_stem), _find(folder, lbl_stem)
-        if img and lbl:
-            break
-    else:
-        img = lbl = None
-        if download and root:
+    found = [(_find(d, img_stem), _find(d, lbl_stem)) for d in _candidate_dirs(root)]
+    img, lbl = next(((i, lb) for i, lb in found if i and lb), (None, None))
+    hint = ""
+    if img is None and download:
+        if root:
             try:
                 from torchvision.datasets import FashionMNIST
 
                 FashionMNIST(str(root), train=split == "train", download=True)
-                img, lbl = _find(Path(root), img_stem), _find(Path(root), lbl_stem)
             except Exception as err:  # network errors vary by platform
-                download_error = f" (download failed: {err})"
-            else:
-                download_error = ""
+                hint = f" (the download failed: {err})"
+            img, lbl = _find(Path(root), img_stem), _find(Path(root), lbl_stem)
         else:
-            download_error = " (download=false or no data.root to download into)"
-        if not (img and lbl):
-            tried = ", ".join(str(d) for d in _candidate_dirs(root))
-            raise FileNotFoundError(
-                f"Fashion-MNIST {split} files ({img_stem}[.gz]) not found in: {tried}. Fix one of: "
-                f"(1) set data.root=<folder with the IDX files>; "
-                f"(2) install the Debian package: apt-get install dataset-fashion-mnist "
-                f"(files land in {DEBIAN_DIR}); "
-                f"(3) set data.download=true and data.root=<folder> on a machine with internet "
-                f"(torchvision download){download_error}."
-            )
+            hint = " (data.download=true needs data.root to download into)"
+    if img is None or lbl is None:
+        tried = ", ".join(str(d) for d in _candidate_dirs(root))
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} files ({img_stem}[.gz]) not found in: {tried}. Fix one of: "
+            f"(1) set data.root=<folder with the IDX files>; "
+            f"(2) install the Debian package: apt-get install dataset-fashion-mnist "
+            f"(files land in {DEBIAN_DIR}); "
+            f"(3) set data.download=true and data.root=<folder> on a machine with internet "
+            f"(torchvision download){hint}."
+        )
     images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(lbl).astype(np.int64))
     if images.shape[0] != labels.shape[0]:

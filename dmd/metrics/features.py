@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -73,12 +74,12 @@ class FashionMNISTClassifier(nn.Module):
 
 @torch.no_grad()
 def extract(net: FashionMNISTClassifier, images: Tensor, batch_size: int = 1000,
-            device=None) -> tuple[Tensor, Tensor]:
+            device=None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """(features, logits) for images in [-1, 1] (N, 1, 28, 28), or uint8 NHWC / NCHW."""
     device = device or next(net.parameters()).device
     net = net.to(device)
     feats, logits = [], []
-    for start in range(0, images.shape[0], batch_size):
+    for start in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress):
         x = as_model_input(images[start: start + batch_size]).to(device)
         f = net.features(x)
         feats.append(f.cpu())
