@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmd.conditioning import guided_x0
+
 
 def sample_timesteps(n: int, num_train_timesteps: int, device=None, low: float = 0.0,
                      high: float = 1.0, generator=None) -> Tensor:
@@ -31,3 +33,41 @@ def denoising_loss(denoiser, x0: Tensor, cond=None, t: Tensor | None = None,
     out = denoiser.network_output(x_t, t, cond)
     target = schedule.target(x0, eps, t, denoiser.prediction_type)
     return F.mse_loss(out.float(), target.float())
+
+
+def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """DMD's distribution-matching gradient for the generator output ``x``.
+
+    (x0_fake - x0_real) / mean|x - x0_real|, the normaliser taken per sample over all
+    non-batch dimensions; non-finite entries (a zero normaliser) become 0.
+    """
+    dims = tuple(range(1, x.ndim))
+    weight = (x - x0_real).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((x0_fake - x0_real) / weight, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, uncond=None,
+                               guidance_scale: float = 1.0, t: Tensor | None = None,
+                               eps: Tensor | None = None, t_range=(0.02, 0.98)):
+    """DMD's generator loss on generator samples ``x`` (requires grad).
+
+    Noise x to a uniform t in [0.02T, 0.98T], ask the real score (the frozen teacher, with
+    classifier-free guidance) and the fake score (never guided) for x0, and regress x onto
+    stopgrad(x - grad): d(loss)/dx = grad / x.numel(). The loss value is only a diagnostic.
+    Returns (loss, logs).
+    """
+    schedule = real_score.schedule
+    with torch.no_grad():
+        if t is None:
+            t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range)
+        if eps is None:
+            eps = torch.randn_like(x)
+        x_t = schedule.add_noise(x, eps, t)
+        # x0 predictions in float64: the difference of two close predictions is the signal.
+        x0_real = guided_x0(real_score, x_t, t, cond, uncond, guidance_scale).double()
+        x0_fake = fake_score(x_t, t, cond).double()
+        grad = dm_gradient(x.detach().double(), x0_real, x0_fake)
+        target = (x.detach().double() - grad).to(x.dtype)
+    loss = 0.5 * F.mse_loss(x, target)
+    return loss, {"dm/grad_abs_mean": grad.abs().mean().detach(),
+                  "dm/real_fake_gap": (x0_fake - x0_real).abs().mean().detach()}

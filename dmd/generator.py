@@ -1,0 +1,65 @@
+"""One-step and multi-step generators around a denoiser, with DMD2's backward simulation.
+
+A generator maps pure noise z ~ N(0, I) (and a condition) to a sample. Step k evaluates the
+denoiser at timestep ``timesteps[k]``: the first step on z itself (one-step SDXL in DMD2 uses
+t = 399 with pure-noise input; t < T-1 keeps x0 better conditioned), every later step on its
+previous x0 prediction re-noised to ``timesteps[k]`` with fresh noise.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import Tensor, nn
+
+
+class Generator(nn.Module):
+    def __init__(self, denoiser: nn.Module, timesteps=(999,)):
+        super().__init__()
+        timesteps = [int(t) for t in timesteps]
+        if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+            raise ValueError(f"timesteps must be a non-empty decreasing list, got {timesteps}.")
+        self.denoiser, self.timesteps = denoiser, timesteps
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def step(self, x_t: Tensor, k: int, cond) -> Tensor:
+        """x0 prediction of step k."""
+        t = torch.full((x_t.shape[0],), self.timesteps[k], device=x_t.device, dtype=torch.long)
+        return self.denoiser(x_t, t, cond)
+
+    def renoise(self, x0: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """Input of step k from the previous x0: forward-noise it to timesteps[k]."""
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.full((x0.shape[0],), self.timesteps[k], device=x0.device, dtype=torch.long)
+        return self.denoiser.schedule.add_noise(x0, eps, t)
+
+    def forward(self, noise: Tensor, cond=None, num_steps: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """Run the first ``num_steps`` steps (all by default) from pure noise."""
+        x0 = self.step(noise, 0, cond)
+        for k in range(1, num_steps or self.num_steps):
+            x0 = self.step(self.renoise(x0, k, generator), k, cond)
+        return x0
+
+    def backward_simulation(self, noise: Tensor, cond, k: int,
+                            generator: torch.Generator | None = None) -> Tensor:
+        """DMD2's training-time sample for step k.
+
+        Steps 0..k-1 run without gradients from pure noise (so step k sees the inputs it will
+        see at inference, not noised real images); only step k is differentiated.
+        """
+        if k == 0:
+            return self.step(noise, 0, cond)
+        with torch.no_grad():
+            x0 = self.forward(noise, cond, num_steps=k, generator=generator)
+        return self.step(self.renoise(x0, k, generator), k, cond)
+
+
+def backward_simulation_step(iteration: int, num_steps: int, seed: int = 0) -> int:
+    """The step index trained at ``iteration``: uniform, and a pure function of the counter
+    and the seed, so every rank (and a resumed run) picks the same one without communicating."""
+    return random.Random(seed * 1_000_003 + iteration).randrange(num_steps)
