@@ -21,8 +21,7 @@ $(STAMP): pyproject.toml
 
 # The main job: 100 class-balanced samples from the bundled teacher (npz + PNG grid).
 run: setup
-	$(PY) -m dmd.sample num_samples=100 out=outputs/teacher_samples.npz sampler=heun \
-	  sampler.steps=13 sampler.guidance_scale=2.0
+	$(PY) -m dmd.sample num_samples=100 out=outputs/teacher_samples.npz
 
 test: setup
 	$(PY) -m pytest -q
