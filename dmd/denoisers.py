@@ -41,7 +41,8 @@ def _as_batch_timesteps(t, x: Tensor) -> Tensor:
 
 
 class DiffusersUNetDenoiser(Denoiser):
-    """Wraps a diffusers ``UNet2DModel`` (class labels) or ``UNet2DConditionModel`` (text).
+    """Wraps a diffusers ``UNet2DModel`` (class labels) or ``UNet2DConditionModel`` (text), or
+    any model with their call signature (:class:`~dmd.networks.MLPNet`).
 
     ``cond`` is a LongTensor of class labels for ``UNet2DModel`` (the null class used for CFG
     is label ``num_classes``), or a dict of keyword arguments for ``UNet2DConditionModel``
@@ -58,43 +59,14 @@ class DiffusersUNetDenoiser(Denoiser):
         return self.unet(x_t, t, class_labels=cond).sample
 
 
-class MLPDenoiser(Denoiser):
-    """Small time- (and optionally class-) conditioned MLP for 2-D data."""
+def MLPDenoiser(schedule: VPSchedule, prediction_type: str = "v_prediction", dim: int = 2,
+                hidden: int = 256, depth: int = 4, time_embed_dim: int = 64,
+                num_classes: int = 0) -> DiffusersUNetDenoiser:
+    """A small time- (and optionally class-) conditioned :class:`~dmd.networks.MLPNet` for 2-D data."""
+    from dmd.networks import MLPNet
 
-    def __init__(
-        self,
-        schedule: VPSchedule,
-        prediction_type: str = "epsilon",
-        dim: int = 2,
-        hidden: int = 256,
-        depth: int = 4,
-        time_embed_dim: int = 64,
-        num_classes: int = 0,
-    ):
-        super().__init__(schedule, prediction_type)
-        self.time_embed_dim = time_embed_dim
-        self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU())
-        # One extra embedding row is the null class for classifier-free guidance.
-        self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None
-        layers: list[nn.Module] = [nn.Linear(dim + hidden, hidden), nn.SiLU()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
-        layers.append(nn.Linear(hidden, dim))
-        self.net = nn.Sequential(*layers)
-
-    def network_output(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        h = self.time_mlp(sinusoidal_embedding(t, self.time_embed_dim))
-        if self.class_embed is not None and cond is not None:
-            h = h + self.class_embed(cond)
-        return self.net(torch.cat([x_t, h], dim=-1))
-
-
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Transformer-style sinusoidal embedding of (possibly fractional) timesteps."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    net = MLPNet(dim, hidden, depth, time_embed_dim, num_classes + 1 if num_classes else None)
+    return DiffusersUNetDenoiser(net, schedule, prediction_type)
 
 
 class GaussianMixtureDenoiser(Denoiser):

@@ -8,7 +8,9 @@ previous x0 prediction re-noised to ``timesteps[k]`` with fresh noise.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -63,3 +65,39 @@ def backward_simulation_step(iteration: int, num_steps: int, seed: int = 0) -> i
     """The step index trained at ``iteration``: uniform, and a pure function of the counter
     and the seed, so every rank (and a resumed run) picks the same one without communicating."""
     return random.Random(seed * 1_000_003 + iteration).randrange(num_steps)
+
+
+GENERATOR_FILE = "generator.json"
+
+
+def save_generator(generator: Generator, teacher, folder: str | Path) -> Path:
+    """Write a distilled generator as a diffusers folder (``unet/``, ``scheduler/``) plus
+    ``generator.json`` (its timesteps and what samples look like)."""
+    folder = Path(folder)
+    generator.denoiser.unet.save_pretrained(folder / "unet")
+    teacher.scheduler.save_pretrained(folder / "scheduler")
+    meta = {"timesteps": generator.timesteps, "num_classes": teacher.num_classes,
+            "sample_shape": list(teacher.sample_shape)}
+    (folder / GENERATOR_FILE).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_generator(path: str | Path):
+    """Load a generator saved by :func:`save_generator` from its folder or a ``dmd.train`` run dir.
+
+    Returns (generator, info) where ``info`` is a :class:`~dmd.teachers.Teacher` describing the
+    generator's network (sample shape, classes, null condition).
+    """
+    from dmd.teachers import load_teacher
+
+    folder = Path(path)
+    if (folder / "generator" / GENERATOR_FILE).is_file():
+        folder = folder / "generator"
+    meta_path = folder / GENERATOR_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a distilled generator: expected {meta_path} (written at the end of "
+            "`python -m dmd.train`; a run that has not finished has only checkpoints/).")
+    meta = json.loads(meta_path.read_text())
+    info = load_teacher(str(folder))
+    return Generator(info.denoiser, meta["timesteps"]), info

@@ -1,8 +1,15 @@
-"""Losses as pure functions.
+"""DMD's losses as pure functions, in the papers' terms.
 
-``denoising_loss`` is the teacher's training objective (and, in distillation, the fake-score
-objective): an MSE in the network's own parameterisation (eps, v or x0), so its weighting over
-t is the one the teacher was trained with.
+- ``denoising_loss``: the teacher's training objective and, in distillation, the fake score's
+  (on detached generator samples): an MSE in the network's own parameterisation (eps, v or
+  x0), so its weighting over t is the one the teacher was trained with.
+- ``distribution_matching_loss``: DMD's generator loss, real score minus fake score.
+- ``gan_generator_loss`` / ``gan_discriminator_loss``: DMD2's non-saturating GAN losses on the
+  logits of a head reading the fake score's bottleneck (see :mod:`dmd.gan`).
+- ``regression_loss``: DMD's loss on teacher noise -> image pairs (see :mod:`dmd.pairs`).
+
+Every random draw takes an optional ``generator`` so that training is reproducible and a
+resumed run continues the same random stream.
 """
 
 from __future__ import annotations
@@ -18,17 +25,28 @@ def sample_timesteps(n: int, num_train_timesteps: int, device=None, low: float =
                      high: float = 1.0, generator=None) -> Tensor:
     """Uniform integer timesteps in [low * T, high * T) (DMD's DM loss uses [0.02T, 0.98T])."""
     lo, hi = int(low * num_train_timesteps), int(high * num_train_timesteps)
-    return torch.randint(lo, max(hi, lo + 1), (n,), device=device, generator=generator)
+    # Drawn on the generator's device (CPU by default) so the stream does not depend on the device.
+    t = torch.randint(lo, max(hi, lo + 1), (n,), generator=generator,
+                      device=generator.device if generator is not None else device)
+    return t.to(device)
+
+
+def randn_like(x: Tensor, generator=None) -> Tensor:
+    """Standard normal noise shaped like x, drawn from ``generator`` (on its device) if given."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device,
+                       dtype=x.dtype).to(x.device)
 
 
 def denoising_loss(denoiser, x0: Tensor, cond=None, t: Tensor | None = None,
-                   eps: Tensor | None = None) -> Tensor:
+                   eps: Tensor | None = None, generator=None) -> Tensor:
     """Mean squared error of the network output against its target at a noised x0."""
     schedule = denoiser.schedule
     if t is None:
-        t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, x0.device)
+        t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, x0.device, generator=generator)
     if eps is None:
-        eps = torch.randn_like(x0)
+        eps = randn_like(x0, generator)
     x_t = schedule.add_noise(x0, eps, t)
     out = denoiser.network_output(x_t, t, cond)
     target = schedule.target(x0, eps, t, denoiser.prediction_type)
@@ -48,7 +66,7 @@ def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
 
 def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, uncond=None,
                                guidance_scale: float = 1.0, t: Tensor | None = None,
-                               eps: Tensor | None = None, t_range=(0.02, 0.98)):
+                               eps: Tensor | None = None, t_range=(0.02, 0.98), generator=None):
     """DMD's generator loss on generator samples ``x`` (requires grad).
 
     Noise x to a uniform t in [0.02T, 0.98T], ask the real score (the frozen teacher, with
@@ -59,9 +77,10 @@ def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, unc
     schedule = real_score.schedule
     with torch.no_grad():
         if t is None:
-            t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range)
+            t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range,
+                                 generator=generator)
         if eps is None:
-            eps = torch.randn_like(x)
+            eps = randn_like(x, generator)
         x_t = schedule.add_noise(x, eps, t)
         # x0 predictions in float64: the difference of two close predictions is the signal.
         x0_real = guided_x0(real_score, x_t, t, cond, uncond, guidance_scale).double()
@@ -71,3 +90,20 @@ def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, unc
     loss = 0.5 * F.mse_loss(x, target)
     return loss, {"dm/grad_abs_mean": grad.abs().mean().detach(),
                   "dm/real_fake_gap": (x0_fake - x0_real).abs().mean().detach()}
+
+
+def gan_generator_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator loss: softplus(-D(G(z))) = -log sigmoid(D(G(z)))."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """softplus(-D(x_real)) + softplus(D(G(z))): real images labelled 1, generated 0."""
+    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+
+
+def regression_loss(x: Tensor, x_teacher: Tensor, distance) -> Tensor:
+    """DMD's regression loss: mean distance between the generator's and the teacher's
+    outputs for the same noise (and condition). ``distance`` maps two batches to per-sample
+    distances (L2, LPIPS or a feature distance; see :mod:`dmd.distances`)."""
+    return distance(x, x_teacher).mean()

@@ -2,13 +2,18 @@
 
 One ``training_step`` is one iteration of DMD2's training loop (manual optimisation):
 
-    every N-th iteration (N = TTUR ratio):   generator step on the distribution-matching loss
-    every iteration:                         fake-score step on the denoising loss of
-                                             detached generator samples
+    every N-th iteration (N = TTUR ratio):  generator step on
+        dm_weight * distribution-matching loss  [+ gan_generator_weight * GAN generator loss]
+                                                [+ regression_weight * regression loss (DMD)]
+    every iteration:                         fake-score step on
+        denoising loss of detached generator samples
+                                                [+ gan_discriminator_weight * GAN discriminator loss]
 
 The real score (the teacher) is frozen. Lightning's ``global_step`` counts the steps of both
 optimizers, so the module keeps its own counters (``iteration``, ``generator_steps``,
-``fake_steps``), checkpoints them and drives the TTUR cadence from them.
+``fake_steps``), checkpoints them, and drives the TTUR cadence and the training length from
+them. Every random draw comes from the module's own ``torch.Generator``, whose state is
+checkpointed: a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -17,10 +22,18 @@ import copy
 
 import pytorch_lightning as pl
 import torch
+from diffusers.training_utils import EMAModel
 from torch import nn
 
+from dmd.gan import DiscriminatorHead, discriminator_logits
 from dmd.generator import Generator, backward_simulation_step
-from dmd.losses import denoising_loss, distribution_matching_loss
+from dmd.losses import (
+    denoising_loss,
+    distribution_matching_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    regression_loss,
+)
 from dmd.teachers import Teacher
 
 
@@ -28,95 +41,228 @@ def _warmup(optimizer, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps)))
 
 
+def _grad_norm(parameters) -> torch.Tensor:
+    grads = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
 class DMDModule(pl.LightningModule):
+    """DMD (ratio 1 + regression) and DMD2 (TTUR + GAN, multi-step) in one loop.
+
+    ``regression_pairs`` is a dict {noise, images[, labels]} from :mod:`dmd.pairs` and
+    ``regression_distance`` a per-sample distance (:mod:`dmd.distances`); both are needed
+    only when ``regression_weight > 0``. A GAN head is built on the fake score's bottleneck
+    when either GAN weight is > 0.
+    """
+
     def __init__(self, teacher: Teacher, generator: Generator, fake_score: nn.Module,
                  guidance_scale: float = 1.0, ttur_ratio: int = 5, lr_generator: float = 1e-5,
-                 lr_fake: float = 1e-5, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 grad_clip: float = 10.0, backward_simulation: bool = True, seed: int = 0):
+                 lr_fake: float = 1e-5, betas=(0.9, 0.999), weight_decay: float = 0.01,
+                 warmup_steps: int = 0, grad_clip: float = 10.0, dm_weight: float = 1.0,
+                 dm_t_range=(0.02, 0.98), gan_generator_weight: float = 0.0,
+                 gan_discriminator_weight: float = 0.0, gan_t_range=(0.02, 0.98),
+                 regression_weight: float = 0.0, regression_pairs: dict | None = None,
+                 regression_distance: nn.Module | None = None, regression_batch_size: int = 0,
+                 backward_simulation: bool = True, ema_decay: float | None = None,
+                 max_iterations: int | None = None, seed: int = 0):
         super().__init__()
         if ttur_ratio < 1:
             raise ValueError(f"ttur_ratio must be >= 1, got {ttur_ratio}.")
+        if regression_weight > 0 and (regression_pairs is None or regression_distance is None):
+            raise ValueError("regression_weight > 0 needs regression_pairs and regression_distance.")
+        if regression_weight > 0 and generator.num_steps != 1:
+            raise ValueError("DMD's regression loss is defined for one-step generators; "
+                             "set regression_weight=0 for a multi-step generator.")
         self.automatic_optimization = False
         self.teacher = teacher
         self.real_score = teacher.denoiser.requires_grad_(False).eval()
         self.generator, self.fake_score = generator, fake_score
         self.guidance_scale, self.ttur_ratio = guidance_scale, ttur_ratio
-        self.lr_generator, self.lr_fake = lr_generator, lr_fake
+        self.lr_generator, self.lr_fake, self.betas = lr_generator, lr_fake, tuple(betas)
         self.weight_decay, self.warmup_steps, self.grad_clip = weight_decay, warmup_steps, grad_clip
+        self.dm_weight, self.dm_t_range = dm_weight, tuple(dm_t_range)
+        self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
+        self.gan_t_range = tuple(gan_t_range)
+        self.use_gan = gan_generator_weight > 0 or gan_discriminator_weight > 0
+        self.gan_head = DiscriminatorHead.for_network(fake_score.unet) if self.use_gan else None
+        self.regression_weight, self.regression_distance = regression_weight, regression_distance
+        self.regression_pairs = regression_pairs or {}
+        self.regression_batch_size = regression_batch_size
+        if isinstance(regression_distance, nn.Module):
+            regression_distance.requires_grad_(False)
         self.backward_simulation, self.seed = backward_simulation, seed
+        self.max_iterations = max_iterations
+        self.ema = EMAModel(generator.parameters(), decay=ema_decay) if ema_decay else None
+        self.rng = torch.Generator().manual_seed(seed)
         self.iteration = self.generator_steps = self.fake_steps = 0
 
     # -- one iteration of DMD2's loop -------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        # A run resumed at (or beyond) its length does no further update.
+        if self.max_iterations and self.iteration >= self.max_iterations:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
     def training_step(self, batch, batch_idx):
-        _, labels = batch
-        n = labels.shape[0]
+        real, labels = batch
         cond = labels if self.teacher.num_classes else None
         opt_g, opt_f = self.optimizers()
         sched_g, sched_f = self.lr_schedulers()
         logs = {}
 
+        x = None
         if self.iteration % self.ttur_ratio == 0:
-            x = self.generate(n, cond, self.iteration)
-            loss_dm, dm_logs = distribution_matching_loss(
-                x, self.real_score, self.fake_score, cond,
-                self.teacher.null_condition(n, self.device), self.guidance_scale)
-            self._step(opt_g, sched_g, loss_dm)
-            self.generator_steps += 1
-            logs.update({"loss/dm": loss_dm.detach(), **dm_logs})
+            x, gen_logs = self.generator_step(real.shape[0], cond, opt_g, sched_g)
+            logs.update(gen_logs)
+        logs.update(self.fake_score_step(real, cond, x, opt_f, sched_f))
 
-        with torch.no_grad():
-            x = self.generate(n, cond, self.iteration)
-        loss_fake = denoising_loss(self.fake_score, x.detach(), cond)
-        self._step(opt_f, sched_f, loss_fake)
-        self.fake_steps += 1
         self.iteration += 1
-
-        logs.update({"loss/fake": loss_fake.detach(), "counters/generator_steps": self.generator_steps,
-                     "counters/fake_steps": self.fake_steps})
+        logs.update({"counters/iteration": float(self.iteration),
+                     "counters/generator_steps": float(self.generator_steps),
+                     "counters/fake_steps": float(self.fake_steps),
+                     "lr/generator": sched_g.get_last_lr()[0], "lr/fake": sched_f.get_last_lr()[0]})
         self.log_dict(logs, prog_bar=False)
+        self.log("loss_fake", logs["loss/fake"], prog_bar=True, logger=False)
+        if self.max_iterations and self.iteration >= self.max_iterations:
+            self.trainer.should_stop = True
         return None
 
-    def generate(self, n: int, cond, iteration: int):
-        """Generator samples for training: backward simulation picks the step to train."""
-        noise = torch.randn(n, *self.teacher.sample_shape, device=self.device)
-        if self.generator.num_steps == 1 or not self.backward_simulation:
-            return self.generator(noise, cond)
-        k = backward_simulation_step(iteration, self.generator.num_steps, self.seed)
-        return self.generator.backward_simulation(noise, cond, k)
+    def generator_step(self, n: int, cond, opt_g, sched_g):
+        """Update the generator on the DM loss (+ GAN generator loss, + regression loss)."""
+        x = self.generate(n, cond)
+        loss_dm, logs = distribution_matching_loss(
+            x, self.real_score, self.fake_score, cond, self.teacher.null_condition(n, self.device),
+            self.guidance_scale, t_range=self.dm_t_range, generator=self.rng)
+        loss = self.dm_weight * loss_dm
+        logs["loss/dm"] = loss_dm.detach()
+        if self.gan_generator_weight > 0:
+            loss_gan = gan_generator_loss(self.discriminate(x, cond))
+            loss = loss + self.gan_generator_weight * loss_gan
+            logs["loss/gan_generator"] = loss_gan.detach()
+        if self.regression_weight > 0:
+            loss_reg = self.regression_term()
+            loss = loss + self.regression_weight * loss_reg
+            logs["loss/regression"] = loss_reg.detach()
+        self._check_finite(loss, "generator")
+        logs["grad_norm/generator"] = self._step(opt_g, sched_g, loss, self.generator.parameters())
+        if self.ema is not None:
+            self.ema.step(self.generator.parameters())
+        self.generator_steps += 1
+        return x.detach(), logs
 
-    def _step(self, optimizer, scheduler, loss):
+    def fake_score_step(self, real, cond, x, opt_f, sched_f):
+        """Update the fake score on generator samples (+ the GAN discriminator loss).
+
+        On generator iterations it reuses that iteration's samples (drawn before the update),
+        otherwise it draws new ones without gradients.
+        """
+        if x is None:
+            with torch.no_grad():
+                x = self.generate(real.shape[0], cond)
+        loss_fake = denoising_loss(self.fake_score, x, cond, generator=self.rng)
+        loss = loss_fake
+        logs = {"loss/fake": loss_fake.detach()}
+        if self.gan_discriminator_weight > 0:
+            loss_d = gan_discriminator_loss(self.discriminate(real, cond), self.discriminate(x, cond))
+            loss = loss + self.gan_discriminator_weight * loss_d
+            logs["loss/gan_discriminator"] = loss_d.detach()
+        self._check_finite(loss, "fake score")
+        params = list(self.fake_score.parameters()) + list(self._head_parameters())
+        logs["grad_norm/fake"] = self._step(opt_f, sched_f, loss, params)
+        self.fake_steps += 1
+        return logs
+
+    def generate(self, n: int, cond):
+        """Generator samples for training: backward simulation picks the step to train."""
+        noise = self.noise(n)
+        if self.generator.num_steps == 1 or not self.backward_simulation:
+            return self.generator(noise, cond, generator=self._rng_for(noise))
+        k = backward_simulation_step(self.iteration, self.generator.num_steps, self.seed)
+        return self.generator.backward_simulation(noise, cond, k, generator=self._rng_for(noise))
+
+    def discriminate(self, x, cond):
+        return discriminator_logits(self.fake_score, self.gan_head, x, cond, self.gan_t_range,
+                                    generator=self.rng)
+
+    def regression_term(self):
+        """Regression loss on a random batch of cached teacher pairs (DMD)."""
+        pairs = self.regression_pairs
+        idx = torch.randint(pairs["noise"].shape[0], (self.regression_batch_size,), generator=self.rng)
+        noise, target = pairs["noise"][idx].to(self.device), pairs["images"][idx].to(self.device)
+        cond = pairs["labels"][idx].to(self.device) if "labels" in pairs else None
+        return regression_loss(self.generator(noise, cond), target, self.regression_distance)
+
+    def noise(self, n: int):
+        """Pure noise z ~ N(0, I) from the module's random stream."""
+        return torch.randn(n, *self.teacher.sample_shape, generator=self.rng).to(self.device)
+
+    def _rng_for(self, tensor):
+        return self.rng if tensor.device.type == "cpu" else None
+
+    def _head_parameters(self):
+        return self.gan_head.parameters() if self.gan_head is not None else []
+
+    def _check_finite(self, loss, which: str):
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite {which} loss ({loss.item()}) at iteration {self.iteration}. Training "
+                "stopped before this update; the last checkpoint in <run dir>/checkpoints is the "
+                "last good state. Lower optim.lr_generator / optim.lr_fake or raise warmup_steps.")
+
+    def _step(self, optimizer, scheduler, loss, parameters):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip,
-                            gradient_clip_algorithm="norm")
+        parameters = list(parameters)
+        norm = _grad_norm(parameters)  # logged before clipping: growth is the first sign of trouble
+        self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         scheduler.step()
+        return norm
 
     # -- optimisers and checkpointed state ---------------------------------------------------
     def configure_optimizers(self):
         def adamw(params, lr):
-            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
+            return torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
 
         opt_g = adamw(self.generator.parameters(), self.lr_generator)
-        opt_f = adamw(self.fake_score.parameters(), self.lr_fake)
+        # The discriminator step trains the head and the fake network's encoder with this optimizer.
+        opt_f = adamw(list(self.fake_score.parameters()) + list(self._head_parameters()), self.lr_fake)
         return [opt_g, opt_f], [_warmup(opt_g, self.warmup_steps), _warmup(opt_f, self.warmup_steps)]
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["dmd_counters"] = {"iteration": self.iteration,
                                       "generator_steps": self.generator_steps,
                                       "fake_steps": self.fake_steps}
-        # The frozen teacher is not part of the trained state: keep it out of checkpoints.
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("real_score.")]:
+        checkpoint["dmd_rng_state"] = self.rng.get_state()
+        if self.ema is not None:
+            checkpoint["generator_ema"] = self.ema.state_dict()
+        # The frozen teacher and the regression distance's network are not trained state.
+        frozen = ("real_score.", "regression_distance.")
+        for key in [k for k in checkpoint["state_dict"] if k.startswith(frozen)]:
             del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint):
         counters = checkpoint["dmd_counters"]
         self.iteration = counters["iteration"]
         self.generator_steps, self.fake_steps = counters["generator_steps"], counters["fake_steps"]
-        checkpoint["state_dict"].update(
-            {f"real_score.{k}": v for k, v in self.real_score.state_dict().items()})
+        self.rng.set_state(checkpoint["dmd_rng_state"])
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["generator_ema"])
+        state = checkpoint["state_dict"]
+        state.update({f"real_score.{k}": v for k, v in self.real_score.state_dict().items()})
+        if isinstance(self.regression_distance, nn.Module):
+            state.update({f"regression_distance.{k}": v
+                          for k, v in self.regression_distance.state_dict().items()})
+
+    def release_generator(self) -> Generator:
+        """A copy of the generator with the EMA weights if EMA is on (the model to release)."""
+        released = copy.deepcopy(self.generator)
+        if self.ema is not None:
+            self.ema.copy_to(released.parameters())
+        return released.eval()
 
 
 def copy_denoiser(denoiser: nn.Module) -> nn.Module:
-    """A trainable copy of the teacher's network (generator and fake score start from it)."""
+    """A trainable copy of a network (generator and fake score start from the teacher's)."""
     return copy.deepcopy(denoiser).requires_grad_(True).train()

@@ -1,4 +1,4 @@
-"""``python -m dmd.pretrain``: train a class-conditional diffusion teacher.
+"""``python -m dmd.pretrain``: train a diffusion teacher (class-conditional UNet, or a 2-D MLP).
 
 Saves the EMA weights as a diffusers folder (``<run dir>/teacher/unet`` via
 ``save_pretrained`` and ``<run dir>/teacher/scheduler``) that loads exactly like a hub model.
@@ -23,7 +23,7 @@ from dmd.diffusion_module import DiffusionModule
 from dmd.runs import build_trainer, require, resolve_ckpt_path, run_dir, save_resolved_config
 from dmd.sample import sample_teacher
 from dmd.schedule import VPSchedule
-from dmd.teachers import load_unet_teacher
+from dmd.teachers import load_teacher
 from dmd.visualize import save_sample_grid
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,14 @@ def pretrain(cfg: DictConfig) -> Path:
 
     datamodule = instantiate(cfg.data)
     scheduler = instantiate(cfg.noise_scheduler)
-    unet = instantiate(cfg.network, _convert_="all")  # plain lists: config.json must serialise
-    num_classes = datamodule.num_classes
-    require(unet.config.num_class_embeds == num_classes + 1,
-            f"network.num_class_embeds must be {num_classes + 1} ({num_classes} classes + the null "
-            f"class for classifier-free guidance), got {unet.config.num_class_embeds}.")
-    denoiser = DiffusersUNetDenoiser(unet, VPSchedule.from_diffusers(scheduler),
+    net = instantiate(cfg.network, _convert_="all")  # plain lists: config.json must serialise
+    num_classes = getattr(datamodule, "num_classes", 0)
+    expected = num_classes + 1 if num_classes else None
+    require((net.config.num_class_embeds or None) == expected,
+            f"network.num_class_embeds must be {expected} for this data ({num_classes} classes"
+            f"{' + the null class for classifier-free guidance' if num_classes else ''}), "
+            f"got {net.config.num_class_embeds}.")
+    denoiser = DiffusersUNetDenoiser(net, VPSchedule.from_diffusers(scheduler),
                                      scheduler.config.prediction_type)
     module = DiffusionModule(denoiser, num_classes, cfg.label_dropout, cfg.lr, cfg.weight_decay,
                              cfg.warmup_steps, cfg.ema_decay, cfg.grad_clip)
@@ -61,7 +63,7 @@ def pretrain(cfg: DictConfig) -> Path:
     }
     (teacher_dir / "training.json").write_text(json.dumps(provenance, indent=2))
 
-    teacher = load_unet_teacher(str(teacher_dir))  # round trip: what users will load
+    teacher = load_teacher(str(teacher_dir))  # round trip: what users will load
     g = cfg.grid
     samples, _ = sample_teacher(teacher, g.num_samples, g.sampler, g.steps, g.guidance_scale,
                                 seed=cfg.seed)

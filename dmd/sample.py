@@ -5,6 +5,7 @@ Contract (other tools rely on it)::
     python -m dmd.sample num_samples=N out=FILE.npz seed=S [teacher=<preset>]
         [sampler.name=ddim|euler|heun] [sampler.steps=K] [sampler.guidance_scale=W]
         [hydra.run.dir=DIR]
+    python -m dmd.sample ckpt=<train run dir | generator folder> num_samples=N out=FILE.npz
 
 Writes ``arr_0`` (uint8 N x H x W x C images, or float32 N x 2 points for 2-D data) and
 ``arr_1`` (int64 labels; -1 for unconditional models), plus ``FILE.png``, a sample grid.
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dmd.data.fmnist import to_uint8
+from dmd.generator import Generator, load_generator
 from dmd.runs import require, run_dir, save_resolved_config
 from dmd.sampling import SAMPLERS, nfe, sample
 from dmd.teachers import Teacher
@@ -35,28 +37,58 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sample_teacher(teacher: Teacher, num_samples: int, name: str = "ddim", steps: int = 25,
-                   guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 500,
-                   labels: torch.Tensor | None = None, device=None, progress: bool = True):
-    """Draw ``num_samples`` from the teacher's ODE sampler; returns (samples, labels) on CPU.
+def draw_samples(teacher: Teacher, sample_fn, noise: torch.Tensor, labels: torch.Tensor | None = None,
+                 batch_size: int = 500, device=None, desc: str = "sampling",
+                 progress: bool = True):
+    """Apply ``sample_fn(noise, cond, uncond)`` batch by batch; returns (samples, labels) on CPU.
 
-    Noise is drawn batch by batch from one seeded generator on the CPU, so the samples
-    depend on the seed only (not on the device or the batch size).
+    ``teacher`` says how conditions look (class-balanced labels, the null condition); noise
+    is given, so the samples depend on the seed only (not on the device or the batch size).
     """
     device = device or default_device()
-    teacher.denoiser.to(device)
+    num_samples = noise.shape[0]
     if labels is None:
         labels = teacher.labels(num_samples)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_samples, *teacher.sample_shape, generator=gen)
     out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc=f"{name} x{steps}", disable=not progress):
+    for start in tqdm(range(0, num_samples, batch_size), desc=desc, disable=not progress):
         sl = slice(start, start + batch_size)
         cond = None if labels is None else labels[sl].to(device)
         uncond = teacher.null_condition(noise[sl].shape[0], device)
-        x = sample(teacher.denoiser, noise[sl].to(device), cond, uncond, name, steps, guidance_scale)
-        out.append(x.cpu())
+        with torch.no_grad():
+            out.append(sample_fn(noise[sl].to(device), cond, uncond).cpu())
     return torch.cat(out), labels
+
+
+def sample_teacher(teacher: Teacher, num_samples: int, name: str = "ddim", steps: int = 25,
+                   guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 500,
+                   labels: torch.Tensor | None = None, device=None, progress: bool = True):
+    """Draw ``num_samples`` from the teacher's ODE sampler; returns (samples, labels) on CPU."""
+    device = device or default_device()
+    teacher.denoiser.to(device)
+    noise = torch.randn(num_samples, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
+
+    def teacher_fn(z, cond, uncond):
+        return sample(teacher.denoiser, z, cond, uncond, name, steps, guidance_scale)
+
+    return draw_samples(teacher, teacher_fn, noise, labels, batch_size, device,
+                        f"{name} x{steps}", progress)
+
+
+def sample_generator(generator: Generator, info: Teacher, num_samples: int, seed: int = 0,
+                     batch_size: int = 500, labels: torch.Tensor | None = None, device=None,
+                     progress: bool = True):
+    """Draw ``num_samples`` from a distilled generator (its own 1- or multi-step schedule)."""
+    device = device or default_device()
+    generator.to(device).eval()
+    rng = torch.Generator().manual_seed(seed)
+    noise = torch.randn(num_samples, *info.sample_shape, generator=rng)
+
+    def generator_fn(z, cond, uncond):
+        # Fresh noise of the multi-step re-noising comes from the same seeded stream.
+        return generator(z, cond, generator=rng if z.device.type == "cpu" else None)
+
+    return draw_samples(info, generator_fn, noise, labels, batch_size, device,
+                        f"generator x{generator.num_steps}", progress)
 
 
 def write_npz(samples: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> Path:
@@ -82,16 +114,22 @@ def run(cfg: DictConfig) -> Path:
     require(str(cfg.out).endswith(".npz"), f"out={cfg.out} must end in .npz.")
     out_dir = run_dir()
     save_resolved_config(cfg, out_dir)
-    teacher: Teacher = instantiate(cfg.teacher)
-    samples, labels = sample_teacher(teacher, cfg.num_samples, s.name, s.steps, s.guidance_scale,
-                                     cfg.seed, cfg.batch_size)
+    if cfg.ckpt:  # a distilled generator: its own step schedule, no sampler settings
+        generator, info = load_generator(cfg.ckpt)
+        samples, labels = sample_generator(generator, info, cfg.num_samples, cfg.seed, cfg.batch_size)
+        what = f"generator {cfg.ckpt} ({generator.num_steps} step(s), NFE {generator.num_steps})"
+    else:
+        teacher: Teacher = instantiate(cfg.teacher)
+        samples, labels = sample_teacher(teacher, cfg.num_samples, s.name, s.steps,
+                                         s.guidance_scale, cfg.seed, cfg.batch_size)
+        what = (f"teacher ({s.name}, {s.steps} steps, CFG {s.guidance_scale:.2f}, "
+                f"NFE {nfe(s.name, s.steps, s.guidance_scale)})")
     out = Path(cfg.out)
     if not out.is_absolute():  # relative to where the user ran the command, not the run dir
         out = Path(hydra.utils.get_original_cwd()) / out
     write_npz(samples, labels, out)
     save_sample_grid(samples[: cfg.grid_size], out.with_suffix(".png"))
-    log.info("Wrote %d samples (%s, %d steps, CFG %.2f, NFE %d) to %s", cfg.num_samples, s.name,
-             s.steps, s.guidance_scale, nfe(s.name, s.steps, s.guidance_scale), out)
+    log.info("Wrote %d samples of the %s to %s", cfg.num_samples, what, out)
     return out
 
 

@@ -1,11 +1,12 @@
 """Teachers: a frozen denoiser plus what samplers need to know about it.
 
-``load_unet_teacher`` loads a diffusers folder laid out like a hub pipeline
+``load_teacher`` loads a diffusers folder laid out like a hub pipeline
 (``unet/`` + ``scheduler/``) from a local path or a hub id, exactly as diffusers does.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from dmd.schedule import VPSchedule
 
 @dataclass
 class Teacher:
-    """A frozen x0-predictor, the shape of one sample and the number of classes (0 = none)."""
+    """A frozen x0-predictor, the shape of one sample, the number of classes (0 = none) and
+    the diffusers scheduler its schedule came from (saved beside distilled generators)."""
 
     denoiser: Denoiser
     sample_shape: tuple[int, ...]
     num_classes: int = 0
+    scheduler: object = None
 
     def null_condition(self, n: int, device=None):
         """The unconditional input used by CFG, or None for unconditional models."""
@@ -41,10 +44,26 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def load_unet_teacher(path: str, subfolder_unet: str = "unet",
-                      subfolder_scheduler: str = "scheduler") -> Teacher:
-    """Load a class-conditional ``UNet2DModel`` teacher and its scheduler (frozen)."""
-    from diffusers import DDPMScheduler, UNet2DModel
+def _network_class(path: str, subfolder: str):
+    """The model class named in ``<path>/<subfolder>/config.json`` (``_class_name``)."""
+    from diffusers import UNet2DModel
+
+    from dmd.networks import MLPNet
+
+    classes = {"UNet2DModel": UNet2DModel, "MLPNet": MLPNet}
+    local = Path(path).expanduser() / subfolder / "config.json"
+    if not local.is_file():  # a hub id: diffusers resolves it; the Fashion-MNIST kind by default
+        return UNet2DModel
+    name = json.loads(local.read_text()).get("_class_name")
+    if name not in classes:
+        raise ValueError(f"{local} names _class_name={name!r}; supported: {sorted(classes)}.")
+    return classes[name]
+
+
+def load_teacher(path: str, subfolder_unet: str = "unet",
+                 subfolder_scheduler: str = "scheduler") -> Teacher:
+    """Load a (class-conditional) ``UNet2DModel`` or ``MLPNet`` teacher and its scheduler, frozen."""
+    from diffusers import DDPMScheduler
 
     local = Path(path).expanduser()
     if (local.is_absolute() or str(path).startswith(".")) and not local.is_dir():
@@ -53,24 +72,25 @@ def load_unet_teacher(path: str, subfolder_unet: str = "unet",
             f"'{subfolder_unet}/' and '{subfolder_scheduler}/' (as written by `python -m dmd.pretrain`)."
         )
     try:
-        unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder_unet)
+        net = _network_class(str(path), subfolder_unet).from_pretrained(str(path), subfolder=subfolder_unet)
         scheduler = DDPMScheduler.from_pretrained(str(path), subfolder=subfolder_scheduler)
     except (OSError, ValueError) as err:
         raise OSError(
-            f"Could not load a diffusers UNet2DModel + scheduler from {path!r}: {err}. Expected "
+            f"Could not load a diffusers model + scheduler from {path!r}: {err}. Expected "
             f"'{subfolder_unet}/config.json', '{subfolder_unet}/diffusion_pytorch_model.safetensors' "
             f"and '{subfolder_scheduler}/scheduler_config.json'."
         ) from err
-    denoiser = DiffusersUNetDenoiser(_freeze(unet), VPSchedule.from_diffusers(scheduler),
+    denoiser = DiffusersUNetDenoiser(_freeze(net), VPSchedule.from_diffusers(scheduler),
                                      scheduler.config.prediction_type)
-    num_embeds = unet.config.num_class_embeds or 0
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    num_embeds = net.config.num_class_embeds or 0
+    size = net.config.sample_size
+    shape = (size,) if not hasattr(net.config, "in_channels") else (net.config.in_channels, size, size)
     # The last class embedding row is the null class used for classifier-free guidance.
-    return Teacher(denoiser, shape, max(num_embeds - 1, 0))
+    return Teacher(denoiser, shape, max(num_embeds - 1, 0), scheduler)
 
 
 def gaussian_mixture_teacher(mixture, scheduler) -> Teacher:
     """The analytic (exact) denoiser of a 2-D mixture, as an unconditional teacher."""
     schedule = VPSchedule.from_diffusers(scheduler)
     denoiser = GaussianMixtureDenoiser(schedule, mixture.means, mixture.stds, mixture.weights)
-    return Teacher(_freeze(denoiser), (mixture.means.shape[1],), 0)
+    return Teacher(_freeze(denoiser), (mixture.means.shape[1],), 0, scheduler)

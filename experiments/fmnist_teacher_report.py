@@ -26,7 +26,7 @@ from dmd.metrics.fid import fid_from_features
 from dmd.metrics.fmnist import DEFAULT_CLASSIFIER, fmnist_metrics, load_classifier
 from dmd.sample import sample_teacher
 from dmd.sampling import nfe
-from dmd.teachers import load_unet_teacher
+from dmd.teachers import load_teacher
 
 TEACHER = ROOT_DIR / "experiments" / "checkpoints" / "fmnist_teacher"
 
@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
 
     classifier = load_classifier()
-    teacher = load_unet_teacher(args.teacher)
+    teacher = load_teacher(args.teacher)
     report = {"teacher": args.teacher, "classifier": str(DEFAULT_CLASSIFIER),
               "classifier_sha256": classifier.weights_sha256, "hardware": platform.processor()
               or platform.machine(), "torch_threads": torch.get_num_threads(),

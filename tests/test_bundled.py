@@ -10,7 +10,7 @@ from dmd.metrics.features import FashionMNISTClassifier, extract
 from dmd.metrics.fid import fid_from_features
 from dmd.metrics.fmnist import DEFAULT_CLASSIFIER, fmnist_metrics, load_classifier
 from dmd.sample import sample_teacher
-from dmd.teachers import load_unet_teacher
+from dmd.teachers import load_teacher
 
 TEACHER = ROOT / "experiments" / "checkpoints" / "fmnist_teacher"
 
@@ -43,7 +43,7 @@ def test_corrupt_classifier_weights_are_reported(tmp_path):
 
 
 def test_bundled_teacher_samples_the_requested_classes(classifier):
-    teacher = load_unet_teacher(str(TEACHER))
+    teacher = load_teacher(str(TEACHER))
     assert teacher.num_classes == 10 and teacher.sample_shape == (1, 28, 28)
     images, labels = sample_teacher(teacher, 100, "heun", 8, 2.0, seed=0, progress=False)
     assert images.shape == (100, 1, 28, 28) and torch.isfinite(images).all()

@@ -7,7 +7,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-ENTRY_CONFIGS = ["pretrain", "sample", "train_classifier"]
+ENTRY_CONFIGS = ["pretrain", "sample", "train_classifier", "train"]
 
 
 def _compose(name, overrides=()):

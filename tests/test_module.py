@@ -56,3 +56,60 @@ def test_cadence_survives_resume_in_the_middle(tmp_path):
     _fit(resumed, 7, tmp_path, epochs=2, ckpt_path=tmp_path / "mid.ckpt")
     assert resumed.iteration == 14 and resumed.fake_steps == 14
     assert resumed.generator_steps == math.ceil(14 / 3)
+
+
+def test_non_finite_loss_stops_training_before_the_update(tmp_path):
+    module = _module(1)
+
+    class NaNNet(torch.nn.Module):  # a fake score whose outputs are NaN
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            out.sample = out.sample * float("nan")
+            return out
+
+    module.fake_score.unet = NaNNet(module.fake_score.unet)
+    before = {k: v.clone() for k, v in module.fake_score.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="Non-finite fake score loss .* last good state"):
+        _fit(module, 3, tmp_path)
+    after = module.fake_score.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gan_head_reads_the_bottleneck_and_trains_the_fake_encoder(tiny_unet_kwargs):
+    from diffusers import UNet2DModel
+
+    from dmd.denoisers import DiffusersUNetDenoiser
+    from dmd.gan import DiscriminatorHead, bottleneck_features, discriminator_logits
+    from dmd.losses import gan_discriminator_loss, gan_generator_loss
+    from dmd.schedule import VPSchedule
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_unet_kwargs)
+    fake = DiffusersUNetDenoiser(unet, VPSchedule.from_diffusers(DDPMScheduler()), "v_prediction")
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    cond = torch.tensor([0, 1, 2, 0])
+    feats = bottleneck_features(fake, x, torch.full((4,), 500), cond)
+    assert feats.shape == (4, 16, 4, 4)  # mid block of the 8 -> 4 UNet, 16 channels
+    head = DiscriminatorHead.for_network(unet)
+    logits = discriminator_logits(fake, head, x, cond)
+    assert logits.shape == (4,)
+    gan_discriminator_loss(logits, logits.detach() + 1).backward(retain_graph=True)
+    assert unet.down_blocks[0].resnets[0].conv1.weight.grad.abs().sum() > 0  # encoder trained
+    assert all(p.grad is None for p in unet.up_blocks.parameters())  # decoder untouched
+    x.grad = None
+    gan_generator_loss(logits).backward()
+    assert x.grad.abs().sum() > 0  # the generator's GAN loss reaches the sample
+
+
+def test_gan_losses_by_hand():
+    from dmd.losses import gan_discriminator_loss, gan_generator_loss
+
+    real, fake = torch.tensor([0.0, 2.0]), torch.tensor([-1.0, 0.0])
+    sp = torch.nn.functional.softplus
+    assert torch.isclose(gan_generator_loss(fake), (sp(torch.tensor(1.0)) + sp(torch.tensor(0.0))) / 2)
+    expected = (sp(torch.tensor(0.0)) + sp(torch.tensor(-2.0))) / 2 + (sp(torch.tensor(-1.0)) + sp(torch.tensor(0.0))) / 2
+    assert torch.isclose(gan_discriminator_loss(real, fake), expected)

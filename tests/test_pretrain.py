@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from dmd.teachers import load_unet_teacher
+from dmd.teachers import load_teacher
 
 
 def test_pretrain_saves_a_loadable_teacher_and_resumes(cli, tmp_path):
@@ -32,7 +32,7 @@ def test_pretrain_saves_a_loadable_teacher_and_resumes(cli, tmp_path):
     second = UNet2DModel.from_pretrained(teacher_dir / "unet").state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
-    teacher = load_unet_teacher(str(teacher_dir))
+    teacher = load_teacher(str(teacher_dir))
     assert teacher.num_classes == 10 and teacher.sample_shape == (1, 28, 28)
     assert not any(p.requires_grad for p in teacher.denoiser.parameters())
 
@@ -50,7 +50,7 @@ def test_missing_teacher_folder_is_a_clear_error(tmp_path):
     import pytest
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_unet_teacher(str(tmp_path / "nope"))
+        load_teacher(str(tmp_path / "nope"))
     (tmp_path / "unet").mkdir()
     with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
-        load_unet_teacher(str(tmp_path))
+        load_teacher(str(tmp_path))

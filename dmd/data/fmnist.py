@@ -15,6 +15,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from dmd.data.loaders import resumable_loader
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -101,8 +103,9 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     image_shape = (1, 28, 28)
 
     def __init__(self, root: str | None = None, download: bool = False, batch_size: int = 128,
-                 num_workers: int = 0, val_batch_size: int = 512):
+                 num_workers: int = 0, val_batch_size: int = 512, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.root, self.download = root, download
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.train_set = self.val_set = None
@@ -117,8 +120,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         return TensorDataset(to_model_range(images), labels)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return resumable_loader(self.train_set, self.batch_size, self.seed, num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)

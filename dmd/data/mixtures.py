@@ -8,6 +8,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dmd.data.loaders import resumable_loader
+
 
 class GaussianMixture:
     """Mixture of isotropic Gaussians N(mu_k, s_k^2 I) with weights w_k (normalised)."""
@@ -75,7 +77,7 @@ class GaussianMixtureDataModule(pl.LightningDataModule):
             self.val_set = _MixtureSamples(self.mixture, min(10_000, self.num_samples), self.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+        return resumable_loader(self.train_set, self.batch_size, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

@@ -1,0 +1,80 @@
+"""DMD2's discriminator: a small head on the fake score's bottleneck features.
+
+Real and generated samples are noised to a random t, passed through the fake-score network,
+and the output of its bottleneck (``mid_block`` of a diffusers UNet, ``mid`` of
+:class:`~dmd.networks.MLPNet`) is read with a forward hook. The head turns those features into
+one logit per sample. The discriminator step trains the head *and* the fake network's layers
+up to the bottleneck (its encoder); the generator's GAN loss backpropagates through both into
+the generated sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dmd.losses import randn_like, sample_timesteps
+
+
+def bottleneck_module(network: nn.Module) -> nn.Module:
+    """The module whose output is the bottleneck: ``mid_block`` (UNets) or ``mid`` (MLPNet)."""
+    for name in ("mid_block", "mid"):
+        module = getattr(network, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"{type(network).__name__} has no mid_block/mid: cannot attach a GAN head.")
+
+
+def bottleneck_channels(network: nn.Module) -> int:
+    """Feature width at the bottleneck, read from the network's config."""
+    cfg = network.config
+    return cfg.block_out_channels[-1] if hasattr(cfg, "block_out_channels") else cfg.hidden
+
+
+class DiscriminatorHead(nn.Module):
+    """Bottleneck features -> one logit: conv layers and global pooling for feature maps
+    (B, C, H, W), an MLP for vectors (B, C)."""
+
+    def __init__(self, channels: int, spatial: bool = True, groups: int = 16):
+        super().__init__()
+        if spatial:
+            g = max(1, min(groups, channels))
+            while channels % g:
+                g -= 1
+            self.net = nn.Sequential(
+                nn.GroupNorm(g, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                nn.GroupNorm(g, channels), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(channels, 1))
+        else:
+            self.net = nn.Sequential(nn.SiLU(), nn.Linear(channels, channels), nn.SiLU(),
+                                     nn.Linear(channels, 1))
+
+    @classmethod
+    def for_network(cls, network: nn.Module) -> DiscriminatorHead:
+        return cls(bottleneck_channels(network), spatial=hasattr(network.config, "block_out_channels"))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features.float()).squeeze(-1)
+
+
+def bottleneck_features(denoiser, x_t: Tensor, t: Tensor, cond) -> Tensor:
+    """Run the denoiser's network on x_t and return its bottleneck output."""
+    captured = {}
+    hook = bottleneck_module(denoiser.unet).register_forward_hook(
+        lambda module, args, output: captured.__setitem__("h", output))
+    try:
+        denoiser.network_output(x_t, t, cond)
+    finally:
+        hook.remove()
+    h = captured["h"]
+    return h[0] if isinstance(h, tuple) else h
+
+
+def discriminator_logits(fake_score, head: DiscriminatorHead, x: Tensor, cond,
+                         t_range=(0.02, 0.98), generator: torch.Generator | None = None) -> Tensor:
+    """Logits of the discriminator for samples ``x``, noise-injected at a uniform random t."""
+    schedule = fake_score.schedule
+    t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range,
+                         generator=generator)
+    x_t = schedule.add_noise(x, randn_like(x, generator), t)
+    return head(bottleneck_features(fake_score, x_t, t, cond))

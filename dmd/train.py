@@ -1,0 +1,138 @@
+"""``python -m dmd.train experiment=<preset>``: distil a teacher with DMD / DMD2.
+
+Composes the frozen teacher (real score), a generator and a fake score (both copies of the
+teacher's network, or of ``init``), the data (real samples for the GAN), and trains them with
+:class:`~dmd.module.DMDModule`. At the end the run dir holds
+
+    checkpoints/last.ckpt   full training state (resume: rerun with the same hydra.run.dir)
+    generator/              the released generator (diffusers folder + generator.json);
+                            ``python -m dmd.sample ckpt=<run dir>`` samples it
+    samples.png             fixed-noise samples of the released generator
+    results.json            final metrics and provenance
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dmd.distances import build_distance
+from dmd.generator import Generator, load_generator, save_generator
+from dmd.module import DMDModule, copy_denoiser
+from dmd.pairs import load_or_make_pairs
+from dmd.runs import build_trainer, require, resolve_ckpt_path, run_dir, save_resolved_config
+from dmd.sample import sample_generator
+from dmd.teachers import Teacher, load_teacher
+from dmd.visualize import save_sample_grid
+
+log = logging.getLogger(__name__)
+
+# Periodic checkpoints hold the state after the iteration's updates, together with the counters
+# and RNG state of that moment: exactly what an exact resume needs, so Lightning's note on
+# manual optimisation does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def student_init(teacher: Teacher, init: str | None) -> Teacher:
+    """The network generator and fake score start from: the teacher's, or the one at ``init``
+    (e.g. a trained MLP when the real score is the analytic mixture)."""
+    if not init:
+        return teacher
+    source = load_teacher(init)
+    require(tuple(source.sample_shape) == tuple(teacher.sample_shape),
+            f"init={init} makes samples of shape {source.sample_shape}, the teacher "
+            f"{teacher.sample_shape}.")
+    same = torch.allclose(source.denoiser.schedule.alphas_cumprod, teacher.denoiser.schedule.alphas_cumprod)
+    require(same, f"init={init} was trained with a different noise schedule than the teacher.")
+    return source
+
+
+def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
+    a, o = cfg.algorithm, cfg.optim
+    require(a.ttur_ratio >= 1, f"algorithm.ttur_ratio must be >= 1, got {a.ttur_ratio}.")
+    generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps)
+    fake_score = copy_denoiser(init.denoiser)
+    reg = a.regression
+    pairs = distance = None
+    if reg.weight > 0:
+        provenance = {"teacher": OmegaConf.to_container(cfg.teacher, resolve=True)}
+        pairs = load_or_make_pairs(teacher, provenance, cfg.paths.cache_dir, reg.num_pairs,
+                                   reg.sampler, reg.steps, reg.guidance_scale, seed=reg.seed)
+        distance = build_distance(reg.distance, reg.get("feature_network"))
+    return DMDModule(
+        teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
+        lr_generator=o.lr_generator, lr_fake=o.lr_fake, betas=o.betas, weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, dm_weight=a.dm_weight,
+        dm_t_range=a.dm_t_range, gan_generator_weight=a.gan.generator_weight,
+        gan_discriminator_weight=a.gan.discriminator_weight, gan_t_range=a.gan.t_range,
+        regression_weight=reg.weight, regression_pairs=pairs, regression_distance=distance,
+        regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation,
+        ema_decay=a.ema_decay, max_iterations=cfg.max_iterations, seed=cfg.seed)
+
+
+def evaluate_generator(generator: Generator, info: Teacher, cfg: DictConfig, out_dir: Path) -> dict:
+    """Fixed-noise sample picture plus quick final metrics (full evaluation: ``dmd.evaluate``)."""
+    e = cfg.final_eval
+    samples, labels = sample_generator(generator, info, e.num_samples, seed=e.seed, progress=False)
+    save_sample_grid(samples[:e.grid_size], out_dir / "samples.png")
+    if samples.ndim == 2:  # 2-D data: the oracle figures against the mixture
+        from dmd.metrics.mixture import mixture_report
+
+        mixture = instantiate(cfg.data).mixture
+        return mixture_report(samples, mixture)
+    from dmd.metrics.fmnist import fmnist_metrics
+
+    return fmnist_metrics(samples, labels)
+
+
+def train(cfg: DictConfig) -> Path:
+    started = time.time()
+    out_dir = run_dir()
+    save_resolved_config(cfg, out_dir)
+    require(cfg.max_iterations >= 1, f"max_iterations must be >= 1, got {cfg.max_iterations}.")
+    pl.seed_everything(cfg.seed, workers=True)
+
+    teacher: Teacher = instantiate(cfg.teacher)
+    init = student_init(teacher, cfg.init)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, teacher, init)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
+    trainer = build_trainer(cfg, out_dir, callbacks)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # The final state, so that a longer run (larger max_iterations) can continue from here.
+    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+
+    folder = save_generator(module.release_generator(), init, out_dir / "generator")
+    generator, info = load_generator(folder)  # round trip: what `dmd.sample ckpt=` will load
+    metrics = evaluate_generator(generator, info, cfg, out_dir)
+    results = {
+        "experiment": cfg.get("experiment_name"),
+        "command": " ".join(["python -m dmd.train", *sys.argv[1:]]),
+        "iterations": module.iteration, "generator_steps": module.generator_steps,
+        "fake_steps": module.fake_steps, "nfe": generator.num_steps,
+        "metrics": metrics, "wall_seconds": round(time.time() - started, 1),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.info("Generator saved to %s; final metrics %s", folder, metrics)
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``python -m dmd.train``: presets run end to end, resume exactly, and release a sampleable generator."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+# A few iterations of the 2-D preset on a small dataset, so that stops fall mid-epoch.
+TINY_GMM = ["experiment=gmm_dmd2", "data.num_samples=256", "data.batch_size=32",
+            "final_eval.num_samples=200", "logger=none", "trainer.enable_progress_bar=false",
+            "callbacks.checkpoint.every_n_train_steps=4"]
+
+
+def _generator_weights(run):
+    return load_file(run / "generator" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _trained_state(run):
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if not k.startswith("real_score.")}
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(cli, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli("dmd.train", *TINY_GMM, "max_iterations=23", f"hydra.run.dir={straight}")
+    cli("dmd.train", *TINY_GMM, "max_iterations=11", f"hydra.run.dir={resumed}")  # stopped mid-epoch 2
+    cli("dmd.train", *TINY_GMM, "max_iterations=23", f"hydra.run.dir={resumed}")  # resumes from last.ckpt
+    a, b = _generator_weights(straight), _generator_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _trained_state(straight), _trained_state(resumed)
+    assert any(k.startswith("gan_head.") for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # fake score and GAN head too
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["dmd_counters"] == {"iteration": 23, "generator_steps": 5, "fake_steps": 23}
+    # The weights moved away from the initialisation: the test compares trained models.
+    init = load_file(ROOT / "experiments/checkpoints/gmm8_mlp/unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(a[k], init[k]) for k in a)
+
+
+def test_released_generator_samples_through_the_cli(cli, tmp_path):
+    run = tmp_path / "run"
+    cli("dmd.train", *TINY_GMM, "max_iterations=3", f"hydra.run.dir={run}")
+    assert (run / "samples.png").is_file() and (run / "results.json").is_file()
+    out = tmp_path / "g.npz"
+    cli("dmd.sample", f"ckpt={run}", "num_samples=64", f"out={out}", "seed=3",
+        f"hydra.run.dir={tmp_path}/sample")
+    data = np.load(out)
+    assert data["arr_0"].shape == (64, 2) and data["arr_0"].dtype == np.float32
+    assert np.isfinite(data["arr_0"]).all() and (data["arr_1"] == -1).all()
+
+
+def test_sampling_a_run_without_a_generator_is_refused(cli, tmp_path):
+    proc = cli("dmd.sample", f"ckpt={tmp_path}", "num_samples=4", f"out={tmp_path}/x.npz",
+               f"hydra.run.dir={tmp_path}/sample", check=False)
+    assert proc.returncode != 0 and "is not a distilled generator" in proc.stderr
+
+
+FMNIST_TINY = ["max_iterations=2", "data.batch_size=4", "final_eval.num_samples=20",
+               "logger=none", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("preset,nfe", [("fmnist_dmd", 1), ("fmnist_dmd2", 1), ("fmnist_dmd2_4step", 4)])
+def test_fmnist_presets_run(cli, tmp_path, preset, nfe):
+    import json
+
+    run = tmp_path / preset
+    cli("dmd.train", f"experiment={preset}", *FMNIST_TINY, "algorithm.regression.num_pairs=8",
+        "algorithm.regression.steps=2", "algorithm.regression.batch_size=4",
+        f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    assert results["nfe"] == nfe and results["iterations"] == 2
+    assert 0 <= results["metrics"]["class_consistency"] <= 1
+    if preset == "fmnist_dmd":  # regression pairs were made once and cached with provenance
+        assert len(list((tmp_path / "cache" / "pairs").glob("*.safetensors"))) == 1
+
+
+def test_mistyped_algorithm_key_is_refused(cli, tmp_path):
+    proc = cli("dmd.train", "experiment=gmm_dmd2", "algorithm.ttur_ration=3",
+               f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0 and "ttur_ration" in proc.stderr
