@@ -51,7 +51,8 @@ def pretrain(cfg: DictConfig) -> Path:
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps)
     trainer = build_trainer(cfg, out_dir, [checkpoint])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, out_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, out_dir),
+                weights_only=True)
 
     teacher_dir = out_dir / "teacher"
     module.ema_denoiser().unet.save_pretrained(teacher_dir / "unet")

@@ -4,7 +4,8 @@ Composes the frozen teacher (real score), a generator and a fake score (both cop
 teacher's network, or of ``init``), the data (real samples for the GAN), and trains them with
 :class:`~dmd.module.DMDModule`. At the end the run dir holds
 
-    checkpoints/last.ckpt   full training state (resume: rerun with the same hydra.run.dir)
+    checkpoints/last.ckpt   full training state, saved periodically and where training stops
+                            (resume or extend: rerun with the same hydra.run.dir)
     generator/              the released generator (diffusers folder + generator.json);
                             ``python -m dmd.sample ckpt=<run dir>`` samples it
     samples.png             fixed-noise samples of the released generator
@@ -109,9 +110,7 @@ def train(cfg: DictConfig) -> Path:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
     trainer = build_trainer(cfg, out_dir, callbacks)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    # The final state, so that a longer run (larger max_iterations) can continue from here.
-    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     folder = save_generator(module.release_generator(), init, out_dir / "generator")
     generator, info = load_generator(folder)  # round trip: what `dmd.sample ckpt=` will load

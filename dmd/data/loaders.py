@@ -1,18 +1,46 @@
 """Training data loaders that resume mid-epoch exactly.
 
 torchdata's ``StatefulDataLoader`` is a drop-in ``DataLoader`` with ``state_dict`` /
-``load_state_dict``; Lightning stores that state in its checkpoints and restores it, so a
-resumed run sees the batches an uninterrupted run would have seen. The shuffle order comes
-from a seeded generator, not the global RNG.
+``load_state_dict``; Lightning stores that state in its checkpoints and restores it. The
+shuffle order is :class:`EpochShuffle`'s: a permutation that is a pure function of (seed,
+epoch), so a resumed run sees exactly the batches an uninterrupted run would have seen, in
+this epoch and every later one.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+class EpochShuffle(Sampler[int]):
+    """Shuffled indices; epoch e uses randperm(n) seeded by (seed, e). Its state is (epoch,
+    indices already yielded), which ``StatefulDataLoader`` checkpoints."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed = n, seed
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        start, self.start = self.start, 0
+        for i in range(start, self.n):
+            self.yielded = i + 1
+            yield int(order[i])
+        self.epoch += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": getattr(self, "yielded", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start = state["epoch"], state["yielded"]
 
 
 def resumable_loader(dataset, batch_size: int, seed: int, **kwargs) -> StatefulDataLoader:
     """Shuffled, drop-last training loader whose position is checkpointed by Lightning."""
-    return StatefulDataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(seed), **kwargs)
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
+                              drop_last=True, **kwargs)
