@@ -1,5 +1,8 @@
 """Teacher noise -> image pairs for DMD's regression loss, computed once and cached.
 
+``python -m dmd.pairs experiment=fmnist_dmd`` makes the pairs a training run would use
+(``algorithm.regression.*``) ahead of time; ``dmd.train`` makes them itself when missing.
+
 A pair set is (noise z, label c, teacher ODE sample x = T(z, c)). It is written as
 safetensors under ``<cache_dir>/pairs/`` with a JSON provenance file beside it (teacher,
 sampler, steps, CFG, number of pairs, seed); a request with the same provenance reuses it.
@@ -12,7 +15,10 @@ import json
 import logging
 from pathlib import Path
 
+import hydra
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from dmd.sample import draw_samples
@@ -55,3 +61,20 @@ def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path
     path.with_suffix(".json").write_text(json.dumps(prov, indent=2))
     log.info("Regression pairs: wrote %d to %s", num_pairs, path)
     return pairs
+
+
+def pairs_for_config(cfg: DictConfig, teacher: Teacher) -> dict:
+    """The pairs of ``cfg.algorithm.regression`` for this teacher (cached in ``paths.cache_dir``)."""
+    reg = cfg.algorithm.regression
+    provenance = {"teacher": OmegaConf.to_container(cfg.teacher, resolve=True)}
+    return load_or_make_pairs(teacher, provenance, cfg.paths.cache_dir, reg.num_pairs,
+                              reg.sampler, reg.steps, reg.guidance_scale, seed=reg.seed)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    pairs_for_config(cfg, instantiate(cfg.teacher))
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmd.distances import build_distance
 from dmd.generator import Generator, load_generator, save_generator
 from dmd.module import DMDModule, copy_denoiser
-from dmd.pairs import load_or_make_pairs
+from dmd.pairs import pairs_for_config
 from dmd.runs import build_trainer, require, resolve_ckpt_path, run_dir, save_resolved_config
 from dmd.sample import sample_generator
 from dmd.teachers import Teacher, load_teacher
@@ -66,9 +66,7 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
     reg = a.regression
     pairs = distance = None
     if reg.weight > 0:
-        provenance = {"teacher": OmegaConf.to_container(cfg.teacher, resolve=True)}
-        pairs = load_or_make_pairs(teacher, provenance, cfg.paths.cache_dir, reg.num_pairs,
-                                   reg.sampler, reg.steps, reg.guidance_scale, seed=reg.seed)
+        pairs = pairs_for_config(cfg, teacher)
         distance = build_distance(reg.distance, reg.get("feature_network"))
     return DMDModule(
         teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
