@@ -50,7 +50,8 @@ class LPIPSDistance(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if x.shape[1] == 1:
             x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
-        return self.lpips(x.float().clamp(-1, 1), y.float().clamp(-1, 1))
+        # The metric's network directly: calling the metric object would also accumulate state.
+        return self.lpips.net(x.float().clamp(-1, 1), y.float().clamp(-1, 1)).flatten()
 
 
 def build_distance(name: str, feature_network: str | None = None) -> nn.Module:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dmd.losses import randn_like
+
 
 class Generator(nn.Module):
     def __init__(self, denoiser: nn.Module, timesteps=(999,)):
@@ -35,7 +37,7 @@ class Generator(nn.Module):
 
     def renoise(self, x0: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """Input of step k from the previous x0: forward-noise it to timesteps[k]."""
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = randn_like(x0, generator)  # drawn on the generator's device: same stream on CPU/GPU
         t = torch.full((x0.shape[0],), self.timesteps[k], device=x0.device, dtype=torch.long)
         return self.denoiser.schedule.add_noise(x0, eps, t)
 

@@ -23,8 +23,9 @@ from dmd.conditioning import guided_x0
 
 def sample_timesteps(n: int, num_train_timesteps: int, device=None, low: float = 0.0,
                      high: float = 1.0, generator=None) -> Tensor:
-    """Uniform integer timesteps in [low * T, high * T) (DMD's DM loss uses [0.02T, 0.98T])."""
-    lo, hi = int(low * num_train_timesteps), int(high * num_train_timesteps)
+    """Uniform integer timesteps in [low * T, high * T], capped at T - 1 (DMD's DM loss: [20, 980])."""
+    lo = int(low * num_train_timesteps)
+    hi = min(int(high * num_train_timesteps), num_train_timesteps - 1) + 1
     # Drawn on the generator's device (CPU by default) so the stream does not depend on the device.
     t = torch.randint(lo, max(hi, lo + 1), (n,), generator=generator,
                       device=generator.device if generator is not None else device)

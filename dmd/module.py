@@ -96,6 +96,10 @@ class DMDModule(pl.LightningModule):
         self.rng = torch.Generator().manual_seed(seed)
         self.iteration = self.generator_steps = self.fake_steps = 0
 
+    def on_fit_start(self):
+        if self.ema is not None:  # EMAModel keeps its own copies: follow the module's device
+            self.ema.to(self.device)
+
     # -- one iteration of DMD2's loop -------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
         # A run resumed at (or beyond) its length does no further update.
@@ -177,9 +181,9 @@ class DMDModule(pl.LightningModule):
         """Generator samples for training: backward simulation picks the step to train."""
         noise = self.noise(n)
         if self.generator.num_steps == 1 or not self.backward_simulation:
-            return self.generator(noise, cond, generator=self._rng_for(noise))
+            return self.generator(noise, cond, generator=self.rng)
         k = backward_simulation_step(self.iteration, self.generator.num_steps, self.seed)
-        return self.generator.backward_simulation(noise, cond, k, generator=self._rng_for(noise))
+        return self.generator.backward_simulation(noise, cond, k, generator=self.rng)
 
     def discriminate(self, x, cond):
         return discriminator_logits(self.fake_score, self.gan_head, x, cond, self.gan_t_range,
@@ -197,9 +201,6 @@ class DMDModule(pl.LightningModule):
         """Pure noise z ~ N(0, I) from the module's random stream."""
         return torch.randn(n, *self.teacher.sample_shape, generator=self.rng).to(self.device)
 
-    def _rng_for(self, tensor):
-        return self.rng if tensor.device.type == "cpu" else None
-
     def _head_parameters(self):
         return self.gan_head.parameters() if self.gan_head is not None else []
 
@@ -207,8 +208,9 @@ class DMDModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Non-finite {which} loss ({loss.item()}) at iteration {self.iteration}. Training "
-                "stopped before this update; the last checkpoint in <run dir>/checkpoints is the "
-                "last good state. Lower optim.lr_generator / optim.lr_fake or raise warmup_steps.")
+                "stopped before this update; <run dir>/checkpoints/last.ckpt (the last periodic "
+                "save) is a good state to resume from. Lower optim.lr_generator / optim.lr_fake or "
+                "raise optim.warmup_steps.")
 
     def _step(self, optimizer, scheduler, loss, parameters):
         optimizer.zero_grad(set_to_none=True)
@@ -243,6 +245,12 @@ class DMDModule(pl.LightningModule):
             del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint):
+        if "dmd_counters" not in checkpoint:
+            raise ValueError("This checkpoint was not written by dmd.train (no DMD counters): "
+                             "point ckpt_path at a dmd.train run's checkpoints/last.ckpt.")
+        if (self.ema is not None) != ("generator_ema" in checkpoint):
+            raise ValueError("algorithm.ema_decay must match the run being resumed (EMA was "
+                             f"{'on' if 'generator_ema' in checkpoint else 'off'} there).")
         counters = checkpoint["dmd_counters"]
         self.iteration = counters["iteration"]
         self.generator_steps, self.fake_steps = counters["generator_steps"], counters["fake_steps"]

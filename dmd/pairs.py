@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from dmd.sample import draw_samples
+from dmd.sample import default_device, draw_samples
 from dmd.sampling import sample
 from dmd.teachers import Teacher
 
@@ -32,16 +32,27 @@ def make_pairs(teacher: Teacher, num_pairs: int, sampler: str = "heun", steps: i
                guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 500) -> dict:
     """Run the teacher's ODE sampler on seeded noise; returns {noise, labels, images}."""
     noise = torch.randn(num_pairs, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
+    device = default_device()
+    teacher.denoiser.to(device)
 
     def teacher_fn(z, cond, uncond):
         return sample(teacher.denoiser, z, cond, uncond, sampler, steps, guidance_scale)
 
-    images, labels = draw_samples(teacher, teacher_fn, noise, batch_size=batch_size,
+    images, labels = draw_samples(teacher, teacher_fn, noise, batch_size=batch_size, device=device,
                                   desc=f"teacher pairs ({sampler} x{steps})")
     pairs = {"noise": noise, "images": images}
     if labels is not None:
         pairs["labels"] = labels
     return pairs
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (so retrained weights at the same path invalidate the cache)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path,
@@ -66,7 +77,8 @@ def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path
 def pairs_for_config(cfg: DictConfig, teacher: Teacher) -> dict:
     """The pairs of ``cfg.algorithm.regression`` for this teacher (cached in ``paths.cache_dir``)."""
     reg = cfg.algorithm.regression
-    provenance = {"teacher": OmegaConf.to_container(cfg.teacher, resolve=True)}
+    provenance = {"teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+                  "teacher_weights": weights_digest(teacher.denoiser)}
     return load_or_make_pairs(teacher, provenance, cfg.paths.cache_dir, reg.num_pairs,
                               reg.sampler, reg.steps, reg.guidance_scale, seed=reg.seed)
 

@@ -84,8 +84,9 @@ def sample_generator(generator: Generator, info: Teacher, num_samples: int, seed
     noise = torch.randn(num_samples, *info.sample_shape, generator=rng)
 
     def generator_fn(z, cond, uncond):
-        # Fresh noise of the multi-step re-noising comes from the same seeded stream.
-        return generator(z, cond, generator=rng if z.device.type == "cpu" else None)
+        # Multi-step re-noising draws from the same seeded stream, batch after batch (so, unlike
+        # one-step samples, multi-step samples also depend on the batch size).
+        return generator(z, cond, generator=rng)
 
     return draw_samples(info, generator_fn, noise, labels, batch_size, device,
                         f"generator x{generator.num_steps}", progress)

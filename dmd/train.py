@@ -48,19 +48,31 @@ def student_init(teacher: Teacher, init: str | None) -> Teacher:
     """The network generator and fake score start from: the teacher's, or the one at ``init``
     (e.g. a trained MLP when the real score is the analytic mixture)."""
     if not init:
+        require(hasattr(teacher.denoiser, "unet"),
+                f"the teacher ({type(teacher.denoiser).__name__}) has no network to copy into the "
+                "generator and fake score: set init=<diffusers folder> (e.g. "
+                "init=${paths.checkpoints_dir}/gmm8_mlp for the 2-D mixtures).")
         return teacher
     source = load_teacher(init)
     require(tuple(source.sample_shape) == tuple(teacher.sample_shape),
             f"init={init} makes samples of shape {source.sample_shape}, the teacher "
             f"{teacher.sample_shape}.")
-    same = torch.allclose(source.denoiser.schedule.alphas_cumprod, teacher.denoiser.schedule.alphas_cumprod)
-    require(same, f"init={init} was trained with a different noise schedule than the teacher.")
+    require(source.num_classes == teacher.num_classes,
+            f"init={init} has {source.num_classes} classes, the teacher {teacher.num_classes}.")
+    a, b = source.denoiser.schedule.alphas_cumprod, teacher.denoiser.schedule.alphas_cumprod
+    require(a.shape == b.shape and torch.allclose(a, b),
+            f"init={init} was trained with a different noise schedule than the teacher.")
     return source
 
 
 def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
     a, o = cfg.algorithm, cfg.optim
+    T = teacher.denoiser.schedule.num_train_timesteps
     require(a.ttur_ratio >= 1, f"algorithm.ttur_ratio must be >= 1, got {a.ttur_ratio}.")
+    require(all(0 <= t < T for t in a.generator_timesteps),
+            f"algorithm.generator_timesteps={list(a.generator_timesteps)} must lie in [0, {T - 1}].")
+    require(a.regression.weight <= 0 or a.regression.batch_size >= 1,
+            f"algorithm.regression.batch_size must be >= 1, got {a.regression.batch_size}.")
     generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps)
     fake_score = copy_denoiser(init.denoiser)
     reg = a.regression

@@ -62,3 +62,21 @@ def test_unequal_weights_preset_and_bad_weights():
     assert mix.weights[0].item() == pytest.approx(8 / 22)
     with pytest.raises(ValueError, match="non-negative"):
         GaussianMixture.ring(weights=[1, 2])
+
+
+def test_epoch_shuffle_changes_order_per_epoch_and_resumes_mid_epoch():
+    from dmd.data.loaders import EpochShuffle
+
+    s = EpochShuffle(10, seed=3)
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(e0) == sorted(e1) == list(range(10)) and e0 != e1
+    s.set_epoch(0)
+    it = iter(s)
+    head = [next(it) for _ in range(4)]
+    state = s.state_dict()
+    resumed = EpochShuffle(10, seed=3)
+    resumed.load_state_dict(state)
+    assert head + list(resumed) == e0

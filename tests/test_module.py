@@ -73,7 +73,7 @@ def test_non_finite_loss_stops_training_before_the_update(tmp_path):
 
     module.fake_score.unet = NaNNet(module.fake_score.unet)
     before = {k: v.clone() for k, v in module.fake_score.state_dict().items()}
-    with pytest.raises(FloatingPointError, match="Non-finite fake score loss .* last good state"):
+    with pytest.raises(FloatingPointError, match="Non-finite fake score loss .* good state to resume from"):
         _fit(module, 3, tmp_path)
     after = module.fake_score.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

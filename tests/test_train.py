@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 # A few iterations of the 2-D preset on a small dataset, so that stops fall mid-epoch.
 TINY_GMM = ["experiment=gmm_dmd2", "data.num_samples=256", "data.batch_size=32",
             "final_eval.num_samples=200", "logger=none", "trainer.enable_progress_bar=false",
-            "callbacks.checkpoint.every_n_train_steps=4"]
+            "callbacks.checkpoint.every_n_iterations=4"]
 
 
 def _generator_weights(run):

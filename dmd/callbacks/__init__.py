@@ -1,5 +1,5 @@
 """Lightning callbacks of the training loop."""
 
-from dmd.callbacks.checkpoint import FinalCheckpoint
+from dmd.callbacks.checkpoint import IterationCheckpoint
 
-__all__ = ["FinalCheckpoint"]
+__all__ = ["IterationCheckpoint"]

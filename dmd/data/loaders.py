@@ -15,26 +15,30 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class EpochShuffle(Sampler[int]):
-    """Shuffled indices; epoch e uses randperm(n) seeded by (seed, e). Its state is (epoch,
-    indices already yielded), which ``StatefulDataLoader`` checkpoints."""
+    """Shuffled indices; epoch e uses randperm(n) seeded by (seed, e). Lightning sets the epoch
+    (``set_epoch``); the state (epoch, indices already yielded) is checkpointed by
+    ``StatefulDataLoader`` so a resumed epoch skips what was already seen."""
 
     def __init__(self, n: int, seed: int = 0):
         self.n, self.seed = n, seed
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.yielded = 0, 0, 0
 
     def __len__(self) -> int:
         return self.n
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen)
         start, self.start = self.start, 0
         for i in range(start, self.n):
             self.yielded = i + 1
             yield int(order[i])
-        self.epoch += 1
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "yielded": getattr(self, "yielded", 0)}
+        return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.start = state["epoch"], state["yielded"]
