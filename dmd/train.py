@@ -134,7 +134,9 @@ def train(cfg: DictConfig) -> Path:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.info("Generator saved to %s; final metrics %s", folder, metrics)
+    log.info("Run dir %s: samples.png, results.json, generator/ (sample it with "
+             "`python -m dmd.sample ckpt=%s num_samples=N out=FILE.npz`). Final metrics: %s",
+             out_dir, out_dir, metrics)
     return out_dir
 
 

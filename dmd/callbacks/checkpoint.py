@@ -26,4 +26,4 @@ class IterationCheckpoint(pl.Callback):
         it = pl_module.iteration
         limit = getattr(pl_module, "max_iterations", None)
         if it % self.every_n_iterations == 0 or (limit and it == limit):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
