@@ -21,8 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from dmd.sample import default_device, draw_samples
-from dmd.sampling import sample
+from dmd.sample import sample_teacher
 from dmd.teachers import Teacher
 
 log = logging.getLogger(__name__)
@@ -30,16 +29,13 @@ log = logging.getLogger(__name__)
 
 def make_pairs(teacher: Teacher, num_pairs: int, sampler: str = "heun", steps: int = 8,
                guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 500) -> dict:
-    """Run the teacher's ODE sampler on seeded noise; returns {noise, labels, images}."""
+    """Run the teacher's ODE sampler on seeded noise; returns {noise, labels, images}.
+
+    ``sample_teacher`` draws its noise from the same seed, so the noise is recreated here.
+    """
+    images, labels = sample_teacher(teacher, num_pairs, sampler, steps, guidance_scale, seed,
+                                    batch_size)
     noise = torch.randn(num_pairs, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
-    device = default_device()
-    teacher.denoiser.to(device)
-
-    def teacher_fn(z, cond, uncond):
-        return sample(teacher.denoiser, z, cond, uncond, sampler, steps, guidance_scale)
-
-    images, labels = draw_samples(teacher, teacher_fn, noise, batch_size=batch_size, device=device,
-                                  desc=f"teacher pairs ({sampler} x{steps})")
     pairs = {"noise": noise, "images": images}
     if labels is not None:
         pairs["labels"] = labels
