@@ -91,7 +91,8 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
         ema_decay=a.ema_decay, max_iterations=cfg.max_iterations, seed=cfg.seed)
 
 
-def evaluate_generator(generator: Generator, info: Teacher, cfg: DictConfig, out_dir: Path) -> dict:
+def evaluate_generator(generator: Generator, info: Teacher, cfg: DictConfig, out_dir: Path,
+                       datamodule) -> dict:
     """Fixed-noise sample picture plus quick final metrics (full evaluation: ``dmd.evaluate``)."""
     e = cfg.final_eval
     samples, labels = sample_generator(generator, info, e.num_samples, seed=e.seed, progress=False)
@@ -99,8 +100,7 @@ def evaluate_generator(generator: Generator, info: Teacher, cfg: DictConfig, out
     if samples.ndim == 2:  # 2-D data: the oracle figures against the mixture
         from dmd.metrics.mixture import mixture_report
 
-        mixture = instantiate(cfg.data).mixture
-        return mixture_report(samples, mixture)
+        return mixture_report(samples, datamodule.mixture)
     from dmd.metrics.fmnist import fmnist_metrics
 
     return fmnist_metrics(samples, labels)
@@ -124,7 +124,7 @@ def train(cfg: DictConfig) -> Path:
 
     folder = save_generator(module.release_generator(), init, out_dir / "generator")
     generator, info = load_generator(folder)  # round trip: what `dmd.sample ckpt=` will load
-    metrics = evaluate_generator(generator, info, cfg, out_dir)
+    metrics = evaluate_generator(generator, info, cfg, out_dir, datamodule)
     results = {
         "experiment": cfg.get("experiment_name"),
         "command": " ".join(["python -m dmd.train", *sys.argv[1:]]),
