@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from dmd.sample import sample_teacher
-from dmd.teachers import Teacher
+from dmd.teachers import Teacher, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,6 @@ def make_pairs(teacher: Teacher, num_pairs: int, sampler: str = "heun", steps: i
     if labels is not None:
         pairs["labels"] = labels
     return pairs
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's state (so retrained weights at the same path invalidate the cache)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path,

@@ -137,7 +137,7 @@ def sampling_timesteps(num_steps: int, schedule: VPSchedule, spacing: str = "kar
     if spacing == "linspace":
         ts = torch.linspace(T - 1, 0, num_steps).round().long()
     elif spacing == "karras":
-        abar = schedule.alphas_cumprod
+        abar = schedule.alphas_cumprod.detach().cpu().double()  # the grid is host-side, whatever the device
         log_sigmas = (((1 - abar) / abar).sqrt()).log()  # VE sigma of every integer timestep
         s_max, s_min = log_sigmas[-1].exp() ** (1 / rho), log_sigmas[0].exp() ** (1 / rho)
         ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,15 @@ class Teacher:
         if not self.num_classes:
             return None
         return torch.arange(n, device=device) % self.num_classes
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (so retrained weights at the same path invalidate the cache)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:

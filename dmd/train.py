@@ -9,12 +9,12 @@ teacher's network, or of ``init``), the data (real samples for the GAN), and tra
     generator/              the released generator (diffusers folder + generator.json);
                             ``python -m dmd.sample ckpt=<run dir>`` samples it
     samples.png             fixed-noise samples of the released generator
-    results.json            final metrics and provenance
+    samples/step_*.png      the same during training (EvaluationCallback)
+    results.json            metrics at every evaluation, final metrics, provenance
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -27,6 +27,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dmd.callbacks.evaluation import EvaluationCallback, update_results
 from dmd.distances import build_distance
 from dmd.generator import Generator, load_generator, save_generator
 from dmd.module import DMDModule, copy_denoiser
@@ -91,19 +92,10 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
         ema_decay=a.ema_decay, max_iterations=cfg.max_iterations, seed=cfg.seed)
 
 
-def evaluate_generator(generator: Generator, info: Teacher, cfg: DictConfig, out_dir: Path,
-                       datamodule) -> dict:
-    """Fixed-noise sample picture plus quick final metrics (full evaluation: ``dmd.evaluate``)."""
-    e = cfg.final_eval
-    samples, labels = sample_generator(generator, info, e.num_samples, seed=e.seed, progress=False)
-    save_sample_grid(samples[:e.grid_size], out_dir / "samples.png")
-    if samples.ndim == 2:  # 2-D data: the oracle figures against the mixture
-        from dmd.metrics.mixture import mixture_report
-
-        return mixture_report(samples, datamodule.mixture)
-    from dmd.metrics.fmnist import fmnist_metrics
-
-    return fmnist_metrics(samples, labels)
+def final_metrics(callbacks) -> dict:
+    """The last evaluation of the run's EvaluationCallback (empty without one)."""
+    evals = [c for c in callbacks if isinstance(c, EvaluationCallback)]
+    return evals[0].latest if evals else {}
 
 
 def train(cfg: DictConfig) -> Path:
@@ -124,7 +116,9 @@ def train(cfg: DictConfig) -> Path:
 
     folder = save_generator(module.release_generator(), init, out_dir / "generator")
     generator, info = load_generator(folder)  # round trip: what `dmd.sample ckpt=` will load
-    metrics = evaluate_generator(generator, info, cfg, out_dir, datamodule)
+    samples, _ = sample_generator(generator, info, cfg.eval.grid_size, seed=cfg.eval.seed, progress=False)
+    save_sample_grid(samples, out_dir / "samples.png")
+    metrics = final_metrics(callbacks)
     results = {
         "experiment": cfg.get("experiment_name"),
         "command": " ".join(["python -m dmd.train", *sys.argv[1:]]),
@@ -133,7 +127,7 @@ def train(cfg: DictConfig) -> Path:
         "metrics": metrics, "wall_seconds": round(time.time() - started, 1),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    update_results(out_dir / "results.json", **results)  # beside the callback's evaluations
     log.info("Run dir %s: samples.png, results.json, generator/ (sample it with "
              "`python -m dmd.sample ckpt=%s num_samples=N out=FILE.npz`). Final metrics: %s",
              out_dir, out_dir, metrics)

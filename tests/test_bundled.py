@@ -8,7 +8,7 @@ from conftest import ROOT
 from dmd.data.fmnist import load_fashion_mnist
 from dmd.metrics.features import FashionMNISTClassifier, extract
 from dmd.metrics.fid import fid_from_features
-from dmd.metrics.fmnist import DEFAULT_CLASSIFIER, fmnist_metrics, load_classifier
+from dmd.metrics.fmnist import DEFAULT_CLASSIFIER, data_evaluator, load_classifier
 from dmd.sample import sample_teacher
 from dmd.teachers import load_teacher
 
@@ -42,16 +42,17 @@ def test_corrupt_classifier_weights_are_reported(tmp_path):
         FashionMNISTClassifier.load(tmp_path)
 
 
-def test_bundled_teacher_samples_the_requested_classes(classifier):
+def test_bundled_teacher_samples_the_requested_classes(tmp_path):
     teacher = load_teacher(str(TEACHER))
     assert teacher.num_classes == 10 and teacher.sample_shape == (1, 28, 28)
     images, labels = sample_teacher(teacher, 100, "heun", 8, 2.0, seed=0, progress=False)
     assert images.shape == (100, 1, 28, 28) and torch.isfinite(images).all()
-    metrics = fmnist_metrics(images, labels, classifier=classifier)
+    evaluator = data_evaluator(tmp_path)
+    metrics = evaluator(images, labels)
     assert metrics["class_consistency"] >= 0.8
     # Pure noise images are nowhere near the data under the same features.
-    noise = fmnist_metrics(torch.randn(100, 1, 28, 28).clamp(-1, 1), labels, classifier=classifier)
-    assert metrics["fid_fmnist_test"] < noise["fid_fmnist_test"] / 5
+    noise = evaluator(torch.randn(100, 1, 28, 28).clamp(-1, 1), labels)
+    assert metrics["fid_fmnist_vs_data"] < noise["fid_fmnist_vs_data"] / 5
 
 
 def test_sample_cli_defaults_to_the_bundled_teacher(cli, tmp_path):

@@ -21,7 +21,7 @@ def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
 def test_gmm_dmd2_one_step_student_covers_every_mode_sharply(cli, tmp_path):
     run = tmp_path / "gmm_dmd2"
     cli("dmd.train", "experiment=gmm_dmd2", "logger=none", "trainer.enable_progress_bar=false",
-        "final_eval.num_samples=1000", f"hydra.run.dir={run}", timeout=1200)
+        "eval.num_samples=1000", f"hydra.run.dir={run}", timeout=1200)
     generator, info = load_generator(run)
     assert generator.num_steps == 1
     samples, _ = sample_generator(generator, info, 10_000, seed=123, progress=False)

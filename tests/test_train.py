@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 # A few iterations of the 2-D preset on a small dataset, so that stops fall mid-epoch.
 TINY_GMM = ["experiment=gmm_dmd2", "data.num_samples=256", "data.batch_size=32",
-            "final_eval.num_samples=200", "logger=none", "trainer.enable_progress_bar=false",
+            "eval.num_samples=200", "logger=none", "trainer.enable_progress_bar=false",
             "callbacks.checkpoint.every_n_iterations=4"]
 
 
@@ -56,12 +56,18 @@ def test_sampling_a_run_without_a_generator_is_refused(cli, tmp_path):
     assert proc.returncode != 0 and "is not a distilled generator" in proc.stderr
 
 
-FMNIST_TINY = ["max_iterations=2", "data.batch_size=4", "final_eval.num_samples=20",
-               "logger=none", "trainer.enable_progress_bar=false"]
+FMNIST_TINY = ["max_iterations=6", "data.batch_size=4", "eval.num_samples=20",
+               "eval.every_n_generator_steps=1", "eval.evaluator.kid_subsets=2",
+               "eval.evaluator.references.teacher.num_samples=50", "eval.evaluator.references.teacher.steps=1",
+               "logger=csv", "trainer.enable_progress_bar=false"]
+# What the evaluation callback logs (README, dmd/callbacks/evaluation.py).
+EVAL_KEYS = {"eval/fid_fmnist_vs_data", "eval/kid_fmnist_vs_data", "eval/fid_fmnist_vs_teacher",
+             "eval/kid_fmnist_vs_teacher", "eval/class_consistency", "eval/generator_step",
+             "eval/iteration", "eval/teacher/fid_fmnist_vs_data", "eval/teacher/class_consistency"}
 
 
 @pytest.mark.parametrize("preset,nfe", [("fmnist_dmd", 1), ("fmnist_dmd2", 1), ("fmnist_dmd2_4step", 4)])
-def test_fmnist_presets_run(cli, tmp_path, preset, nfe):
+def test_fmnist_presets_run_and_evaluate_during_training(cli, tmp_path, preset, nfe):
     import json
 
     run = tmp_path / preset
@@ -69,8 +75,17 @@ def test_fmnist_presets_run(cli, tmp_path, preset, nfe):
         "algorithm.regression.steps=2", "algorithm.regression.batch_size=4",
         f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}")
     results = json.loads((run / "results.json").read_text())
-    assert results["nfe"] == nfe and results["iterations"] == 2
+    assert results["nfe"] == nfe and results["iterations"] == 6
     assert 0 <= results["metrics"]["class_consistency"] <= 1
+    # The evaluation callback: every generator step here (ratio 1: 6 of them, TTUR 5: 2), in
+    # results.json, in the logger and as fixed-noise grids.
+    steps = [e["generator_step"] for e in results["evaluations"]]
+    assert steps == list(range(1, results["generator_steps"] + 1)) and len(steps) >= 2
+    assert results["metrics"] == results["evaluations"][-1]["metrics"]
+    assert 0 <= results["teacher_metrics"]["teacher/class_consistency"] <= 1
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert EVAL_KEYS <= set(header), EVAL_KEYS - set(header)
+    assert (run / "samples" / f"step_{steps[-1]:06d}.png").is_file()
     if preset == "fmnist_dmd":  # regression pairs were made once and cached with provenance
         assert len(list((tmp_path / "cache" / "pairs").glob("*.safetensors"))) == 1
 

@@ -1,5 +1,6 @@
 """Lightning callbacks of the training loop."""
 
 from dmd.callbacks.checkpoint import IterationCheckpoint
+from dmd.callbacks.evaluation import EvaluationCallback
 
-__all__ = ["IterationCheckpoint"]
+__all__ = ["EvaluationCallback", "IterationCheckpoint"]

@@ -36,3 +36,16 @@ def mixture_report(samples: Tensor, mixture, num_energy: int = 4000, seed: int =
         "energy_distance": energy_distance(samples[:n], ref.double()),
         "num_samples": samples.shape[0],
     }
+
+
+class MixtureEvaluator:
+    """The evaluator of 2-D mixture samples: :func:`mixture_report` against the known mixture."""
+
+    def __init__(self, mixture, num_energy: int = 4000, teacher=None):
+        self.mixture, self.num_energy, self.teacher = mixture, num_energy, teacher
+
+    def __call__(self, samples: Tensor, labels=None, prompts=None) -> dict:
+        return mixture_report(samples, self.mixture, self.num_energy)
+
+    def teacher_metrics(self) -> dict:
+        return {}

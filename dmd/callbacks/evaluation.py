@@ -1,0 +1,107 @@
+"""Evaluation against the teacher during training.
+
+Every ``every_n_generator_steps`` generator updates and once when training ends, the released
+generator (EMA weights if EMA is on) draws ``num_samples`` samples (seeded noise, balanced
+labels, the same at every evaluation) and the evaluator scores them. Each evaluation
+
+- logs ``eval/<metric>`` (and, once, ``eval/<reference>/<metric>`` for the teacher's
+  reference samples, e.g. ``eval/teacher/class_consistency``) to every Lightning logger, at the trainer's global step, with
+  ``eval/generator_step`` and ``eval/iteration`` beside them;
+- writes ``samples/step_<generator step>.png``, a grid of the first ``grid_size`` samples
+  (also sent to loggers that take images, e.g. wandb);
+- appends {iteration, generator_step, metrics} to ``evaluations`` in the run's
+  ``results.json`` (the teacher's metrics go to ``teacher_metrics``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from dmd.sample import sample_generator
+from dmd.visualize import save_sample_grid
+
+log = logging.getLogger(__name__)
+
+
+def update_results(path: Path, **entries) -> dict:
+    """Merge keys into a run's results.json (created if missing) and return its content."""
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.update(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    return results
+
+
+class EvaluationCallback(pl.Callback):
+    def __init__(self, evaluator, every_n_generator_steps: int = 100, num_samples: int = 1000,
+                 grid_size: int = 100, seed: int = 0, batch_size: int = 500):
+        if every_n_generator_steps < 1:
+            raise ValueError(f"every_n_generator_steps must be >= 1, got {every_n_generator_steps}.")
+        if num_samples < 2:
+            raise ValueError(f"eval.num_samples must be >= 2 (FID needs a covariance), got {num_samples}.")
+        self.evaluator, self.every = evaluator, every_n_generator_steps
+        self.num_samples, self.grid_size, self.seed = num_samples, grid_size, seed
+        self.batch_size = batch_size
+        self.last_step: int | None = None
+        self.latest: dict = {}
+        self.teacher_logged = False
+
+    def results_path(self, trainer) -> Path:
+        return Path(trainer.default_root_dir) / "results.json"
+
+    def on_fit_start(self, trainer, pl_module):
+        if getattr(self.evaluator, "teacher", None) is None:
+            self.evaluator.teacher = pl_module.teacher
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = pl_module.generator_steps
+        if step > 0 and step % self.every == 0 and step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if pl_module.generator_steps != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer, pl_module) -> dict:
+        if trainer.global_rank != 0:
+            return {}
+        step, iteration = pl_module.generator_steps, pl_module.iteration
+        generator = pl_module.release_generator()
+        samples, labels = sample_generator(generator, pl_module.teacher, self.num_samples,
+                                           seed=self.seed, batch_size=self.batch_size,
+                                           device=pl_module.device, progress=False)
+        metrics = self.evaluator(samples, labels)
+        out_dir = Path(trainer.default_root_dir)
+        grid = save_sample_grid(samples[: self.grid_size], out_dir / "samples" / f"step_{step:06d}.png")
+        path = self.results_path(trainer)
+        previous = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
+        # A resumed run re-evaluates nothing it already has; a rerun of a step replaces it.
+        evaluations = [e for e in previous if e["generator_step"] != step]
+        evaluations.append({"iteration": iteration, "generator_step": step, "metrics": metrics})
+        entries = {"evaluations": evaluations}
+        logged = {f"eval/{k}": float(v) for k, v in metrics.items()
+                  if _scalar(v) and k != "num_samples"}
+        if not self.teacher_logged:
+            teacher = self.evaluator.teacher_metrics()
+            entries["teacher_metrics"] = teacher
+            logged.update({f"eval/{k}": float(v) for k, v in teacher.items() if _scalar(v)})
+            self.teacher_logged = True
+        update_results(path, **entries)
+        logged.update({"eval/generator_step": step, "eval/iteration": iteration})
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+            if hasattr(logger, "log_image"):  # e.g. WandbLogger
+                logger.log_image("eval/samples", [str(grid)], step=trainer.global_step)
+        self.last_step, self.latest = step, metrics
+        log.info("Evaluation at generator step %d: %s", step,
+                 {k: round(v, 4) for k, v in metrics.items() if _scalar(v)})
+        return metrics
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, numbers.Number) and not isinstance(v, bool)

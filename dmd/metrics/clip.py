@@ -1,0 +1,75 @@
+"""CLIP score through torchmetrics' ``CLIPScore``, with the model loaded from any HF CLIP
+folder or hub id (torchmetrics itself only accepts a fixed list of hub names, so it is given
+a loader callable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dmd.metrics.extractors import to_uint8_nhwc
+
+
+class _FeatureTensors(torch.nn.Module):
+    """transformers >= 5 returns output objects from ``get_*_features`` (the projected features
+    in ``pooler_output``); torchmetrics 1.9 expects the tensors themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs) -> Tensor:
+        return _features(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> Tensor:
+        return _features(self.model.get_text_features(*args, **kwargs))
+
+
+def _features(out) -> Tensor:
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def clip_loader(name_or_path: str | Path):
+    """A zero-argument callable returning (CLIPModel, CLIPProcessor), as torchmetrics expects."""
+
+    def load():
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            model = CLIPModel.from_pretrained(str(name_or_path)).eval()
+            return _FeatureTensors(model), CLIPProcessor.from_pretrained(str(name_or_path))
+        except OSError as err:
+            raise OSError(f"Could not load a CLIP model + processor from {name_or_path!r} ({err}). "
+                          "Give a local folder written by save_pretrained, or a hub id on a "
+                          "connected machine.") from err
+
+    return load
+
+
+class CLIPScorer:
+    """Mean CLIP score (100 * cosine, floored at 0) of images against their prompts."""
+
+    def __init__(self, model: str | Path = "openai/clip-vit-large-patch14", batch_size: int = 64,
+                 device=None):
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        self.model_name = str(model)
+        self.metric = CLIPScore(model_name_or_path=clip_loader(model))
+        if device:
+            self.metric = self.metric.to(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: list[str]) -> float:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts.")
+        self.metric.reset()
+        uint8 = torch.from_numpy(to_uint8_nhwc(images)).permute(0, 3, 1, 2)
+        if uint8.shape[1] == 1:
+            uint8 = uint8.expand(-1, 3, -1, -1)
+        for start in range(0, uint8.shape[0], self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            self.metric.update(uint8[sl].to(self.metric.device), list(prompts[sl]))
+        return float(self.metric.compute())

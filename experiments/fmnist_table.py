@@ -1,0 +1,159 @@
+"""The DMD/DMD2-style table on Fashion-MNIST: the teacher at many NFE against the distilled students.
+
+    python experiments/fmnist_table.py --num-samples 10000 \
+        --generator "DMD 1-step=outputs/table/fmnist_dmd" \
+        --generator "DMD2 1-step=outputs/table/fmnist_dmd2" \
+        --generator "DMD2 4-step=outputs/table/fmnist_dmd2_4step"
+
+Rows: the teacher with DDIM at 1, 2, 4, 8, 16, 32 steps without and with CFG (``--cfg``), the
+Heun settings of ``--teacher-heun`` (its best is taken over all teacher rows), and each
+generator. Columns: NFE, fid_fmnist vs the test split and vs the teacher's reference samples
+(Heun 8, CFG 2, 10k; conf/eval/fmnist.yaml), kid_fmnist vs data, class consistency, ms/image
+at batch 1 and at a large batch (warm median), speed-up against the teacher's best row. The
+issue's targets are checked and written below the table. Everything comes from
+:func:`dmd.evaluate.evaluate_model` with the evaluator composed from ``conf/evaluate.yaml``.
+Writes ``<out>.json`` and ``<out>.md`` (and a picture of each row's first samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from dmd import ROOT_DIR
+from dmd.evaluate import evaluate_model, generator_model, teacher_model
+from dmd.generator import load_generator
+from dmd.visualize import save_sample_grid
+
+FID_DATA, FID_TEACHER = "fid_fmnist_vs_data", "fid_fmnist_vs_teacher"
+KID_DATA, CC = "kid_fmnist_vs_data", "class_consistency"
+
+
+def compose_evaluate(overrides=()):
+    with initialize_config_dir(str(ROOT_DIR / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=list(overrides))
+
+
+def teacher_settings(steps, cfg_scale, heun):
+    rows = [("ddim", k, w) for w in (1.0, cfg_scale) for k in steps]
+    return rows + [(n, int(k), float(w)) for n, k, w in (h.split(":") for h in heun)]
+
+
+def targets(rows: list[dict], best: dict, student: str, large: str) -> list[str]:
+    s = next((r for r in rows if r["label"] == student), None)
+    if s is None:
+        return [f"No row named {student!r}: targets not checked."]
+    m, b = s["metrics"], best["metrics"]
+    checks = [
+        (f"{student} fid_fmnist vs data <= 1.2 x teacher's best", m[FID_DATA], 1.2 * b[FID_DATA],
+         m[FID_DATA] <= 1.2 * b[FID_DATA]),
+        (f"{student} class consistency >= 0.95 x teacher's best", m[CC], 0.95 * b[CC],
+         m[CC] >= 0.95 * b[CC]),
+        (f"teacher's best NFE / {student} NFE >= 50", best["nfe"] / s["nfe"], 50,
+         best["nfe"] / s["nfe"] >= 50),
+    ]
+    for bs in ("1", large):
+        lat, fwd = s["latency_ms_per_image"][bs], best["network_forward_ms_per_image"][bs]
+        checks.append((f"{student} ms/image <= 1.1 x one teacher forward (batch {bs})", lat,
+                       1.1 * fwd, lat <= 1.1 * fwd))
+    return [f"- {'met' if ok else 'MISSED'}: {what}: {val:.4g} vs {bound:.4g}"
+            for what, val, bound, ok in checks]
+
+
+def markdown(report: dict) -> str:
+    large = report["large_batch"]
+    best = report["teacher_best"]
+    head = ["model", "NFE", "fid_fmnist vs data", "fid_fmnist vs teacher", "kid_fmnist vs data",
+            "class consistency", "ms/image (b=1)", f"ms/image (b={large})",
+            "speed-up (b=1)", f"speed-up (b={large})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        m, lat = r["metrics"], r["latency_ms_per_image"]
+        name = r["label"] + (" (teacher's best)" if r["label"] == best else "")
+        if "training" in r:
+            name += f" ({r['training']['generator_steps']} generator steps)"
+        b_lat = next(x for x in report["rows"] if x["label"] == best)["latency_ms_per_image"]
+        lines.append("| " + " | ".join([
+            name, str(r["nfe"]), f"{m[FID_DATA]:.3f}", f"{m[FID_TEACHER]:.3f}",
+            f"{m[KID_DATA]:.4f}", f"{m[CC]:.4f}", f"{lat['1']:.3f}", f"{lat[large]:.4f}",
+            f"{b_lat['1'] / lat['1']:.1f}x", f"{b_lat[large] / lat[large]:.1f}x"]) + " |")
+    lines += ["", f"{report['num_samples']} samples per row (seed {report['seed']}), on "
+              f"{report['device']}. fid_fmnist/kid_fmnist use the project's Fashion-MNIST feature "
+              "network (NOT Inception); 'vs teacher' is against 10k teacher samples (Heun 8 "
+              "steps, CFG 2, another seed). Speed-up = the teacher's best ms/image over the row's.",
+              "", f"Command: `{report['command']}`", "", "Targets (issue 4):", *report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-samples", type=int, default=10_000)
+    p.add_argument("--generator", action="append", default=[], metavar="LABEL=RUN_DIR",
+                   help="a distilled generator (dmd.train run dir or generator folder)")
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--cfg", type=float, default=2.0, help="the CFG scale of the guided teacher rows")
+    p.add_argument("--teacher-heun", nargs="*", default=["heun:8:2.0", "heun:16:2.0"],
+                   help="extra teacher settings sampler:steps:cfg")
+    p.add_argument("--student", default="DMD2 1-step", help="the row the targets are checked on")
+    p.add_argument("--large-batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--override", nargs="*", default=[], help="Hydra overrides of conf/evaluate.yaml")
+    p.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "fmnist_table"))
+    args = p.parse_args()
+    gens = [g.split("=", 1) for g in args.generator]
+    if any(len(g) != 2 or not Path(g[1]).exists() for g in gens):
+        sys.exit(f"--generator takes LABEL=RUN_DIR with an existing run dir; got {args.generator}.")
+
+    started = time.time()
+    cfg = compose_evaluate(args.override)
+    teacher = instantiate(cfg.teacher)
+    evaluator = instantiate(cfg.eval.evaluator)
+    evaluator.teacher = teacher
+    models = [(f"teacher {n} {k}, CFG {w:g}", teacher_model(teacher, n, k, w))
+              for n, k, w in teacher_settings(args.teacher_steps, args.cfg, args.teacher_heun)]
+    training = {}
+    for label, path in gens:
+        generator, info = load_generator(path)
+        models.append((label, generator_model(generator, info, label, args.seed)))
+        found = [Path(path) / f for f in ("results.json", "training.json") if (Path(path) / f).is_file()]
+        if found:  # how long the student trained (a run dir's results, a bundled training.json)
+            r = json.loads(found[0].read_text())
+            training[label] = {k: r.get(k) for k in ("iterations", "generator_steps", "wall_seconds")}
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, model in models:
+        r, samples = evaluate_model(model, evaluator, args.num_samples, args.seed,
+                                    latency_batch_sizes=(1, args.large_batch), repeats=args.repeats)
+        r["label"] = label
+        if label in training:
+            r["training"] = training[label]
+        rows.append(r)
+        save_sample_grid(samples[:100], out.parent / f"{out.name}_samples" /
+                         f"{label.replace(' ', '_').replace(',', '')}.png")
+        print(json.dumps({k: r[k] for k in ("label", "nfe", "metrics", "latency_ms_per_image")}),
+              flush=True)
+    teacher_rows = [r for r in rows if r["label"].startswith("teacher")]
+    best = min(teacher_rows, key=lambda r: r["metrics"][FID_DATA])
+    report = {"rows": rows, "teacher_best": best["label"], "num_samples": args.num_samples,
+              "seed": args.seed, "large_batch": str(args.large_batch), "device": rows[0]["device"],
+              "teacher_reference_metrics": evaluator.teacher_metrics(),
+              "command": " ".join(["python", "experiments/fmnist_table.py", *sys.argv[1:]]),
+              "torch": torch.__version__, "wall_seconds": round(time.time() - started, 1)}
+    report["targets"] = targets(rows, best, args.student, str(args.large_batch))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
