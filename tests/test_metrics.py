@@ -112,8 +112,16 @@ def test_fmnist_features_refuse_other_image_sizes():
 
 
 def test_missing_inception_weights_give_a_clear_error(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from dmd import ROOT_DIR
+
+    with initialize_config_dir(str(ROOT_DIR / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["eval=inception"])
+    assert cfg.eval.evaluator.extractor._target_.endswith("InceptionFeatures")
+    assert set(cfg.eval.evaluator.references) == {"data", "teacher"}
     with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt.*eval=fmnist"):
-        InceptionFeatures(weights_dir=tmp_path, download=False)
+        InceptionFeatures(path=tmp_path, download=False)
 
 
 def _tiny_clip(folder):

@@ -72,19 +72,19 @@ class FMNISTFeatures:
 class InceptionFeatures:
     """clean-fid's Inception-v3 pool features (2048-d), "clean" resize; no logits.
 
-    ``weights_dir`` holds ``inception-2015-12-05.pt``; with ``download=True`` clean-fid fetches
-    it there when missing (needs internet).
+    ``path`` is the folder holding ``inception-2015-12-05.pt``; with ``download=True`` clean-fid
+    fetches it there when missing (needs internet).
     """
 
     name = "inception"
     resize = "clean"  # clean-fid: PIL bicubic to 299x299 on uint8 images, no quantisation after
 
-    def __init__(self, weights_dir: str | Path | None = None, download: bool = True,
+    def __init__(self, path: str | Path | None = None, download: bool = True,
                  batch_size: int = 64, device=None):
         from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
 
-        self.weights_dir = Path(weights_dir or Path.home() / ".cache" / "clean-fid").expanduser()
+        self.weights_dir = Path(path or Path.home() / ".cache" / "clean-fid").expanduser()
         weights = self.weights_dir / INCEPTION_FILE
         if not weights.is_file():
             if not download:
@@ -106,7 +106,7 @@ class InceptionFeatures:
     @staticmethod
     def _missing(weights: Path, why: str) -> str:
         return (f"Inception weights {weights} are missing ({why}). Download {INCEPTION_URL} on a "
-                f"connected machine into that folder (or set eval.evaluator.extractor.weights_dir), "
+                f"connected machine into that folder (or set eval.evaluator.extractor.path), "
                 "or evaluate offline with the Fashion-MNIST features (eval=fmnist).")
 
     @property
