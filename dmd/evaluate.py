@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmd.generator import Generator, load_generator
 from dmd.latency import device_name, latency_ms_per_image
 from dmd.runs import require, run_dir, save_resolved_config
-from dmd.sample import default_device, draw_samples
+from dmd.sample import default_device, draw_samples, generator_sampling_fn
 from dmd.sampling import SAMPLERS, nfe, sample
 from dmd.teachers import Teacher
 from dmd.visualize import save_sample_grid
@@ -59,13 +59,10 @@ def teacher_model(teacher: Teacher, sampler: str = "heun", steps: int = 8,
 
 def generator_model(generator: Generator, info: Teacher, name: str = "generator",
                     seed: int = 0) -> Model:
-    rng = torch.Generator().manual_seed(seed)  # re-noising of multi-step generators
-
-    def fn(z, cond, uncond):
-        return generator(z, cond, generator=rng)
-
+    """The same samples for a seed as ``dmd.sample`` and the training-time evaluation draw."""
     return Model(f"{name} ({generator.num_steps} step{'s' * (generator.num_steps > 1)})",
-                 generator.num_steps, info, fn, generator.denoiser)
+                 generator.num_steps, info, generator_sampling_fn(generator.eval(), seed),
+                 generator.denoiser)
 
 
 def network_forward_fn(model: Model):
@@ -145,7 +142,7 @@ def run(cfg: DictConfig) -> Path:
     lat = cfg.latency
     results, samples = evaluate_model(model, evaluator, cfg.eval.num_samples, cfg.seed,
                                       cfg.batch_size, lat.batch_sizes, lat.repeats, lat.warmup)
-    results["teacher_metrics"] = evaluator.teacher_metrics()
+    results["teacher_metrics"] = evaluator.teacher_metrics(cfg.eval.num_samples)
     results.update(command=" ".join(["python -m dmd.evaluate", *sys.argv[1:]]),
                    wall_seconds=round(time.time() - started, 1),
                    config=OmegaConf.to_container(cfg, resolve=True))
@@ -153,7 +150,7 @@ def run(cfg: DictConfig) -> Path:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "results.md").write_text(markdown_table([results]))
     log.info("%s: NFE %d, %s; ms/image %s. Written to %s", model.name, model.nfe,
-             {k: round(v, 4) for k, v in results["metrics"].items()},
+             {k: round(v, 4) for k, v in results["metrics"].items() if isinstance(v, float)},
              {k: round(v, 3) for k, v in results["latency_ms_per_image"].items()}, out_dir)
     return out_dir
 

@@ -61,14 +61,15 @@ def draw_samples(teacher: Teacher, sample_fn, noise: torch.Tensor, labels: torch
 
 def sample_teacher(teacher: Teacher, num_samples: int, name: str = "ddim", steps: int = 25,
                    guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 500,
-                   labels: torch.Tensor | None = None, device=None, progress: bool = True):
+                   labels: torch.Tensor | None = None, device=None, progress: bool = True,
+                   spacing: str = "karras"):
     """Draw ``num_samples`` from the teacher's ODE sampler; returns (samples, labels) on CPU."""
     device = device or default_device()
     teacher.denoiser.to(device)
     noise = torch.randn(num_samples, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
 
     def teacher_fn(z, cond, uncond):
-        return sample(teacher.denoiser, z, cond, uncond, name, steps, guidance_scale)
+        return sample(teacher.denoiser, z, cond, uncond, name, steps, guidance_scale, spacing)
 
     return draw_samples(teacher, teacher_fn, noise, labels, batch_size, device,
                         f"{name} x{steps}", progress)
@@ -80,16 +81,21 @@ def sample_generator(generator: Generator, info: Teacher, num_samples: int, seed
     """Draw ``num_samples`` from a distilled generator (its own 1- or multi-step schedule)."""
     device = device or default_device()
     generator.to(device).eval()
-    rng = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num_samples, *info.sample_shape, generator=rng)
+    noise = torch.randn(num_samples, *info.sample_shape, generator=torch.Generator().manual_seed(seed))
+    return draw_samples(info, generator_sampling_fn(generator, seed), noise, labels, batch_size,
+                        device, f"generator x{generator.num_steps}", progress)
 
-    def generator_fn(z, cond, uncond):
-        # Multi-step re-noising draws from the same seeded stream, batch after batch (so, unlike
-        # one-step samples, multi-step samples also depend on the batch size).
+
+def generator_sampling_fn(generator: Generator, seed: int = 0):
+    """``fn(noise, cond, uncond)`` running the generator; the re-noising of multi-step
+    generators draws from its own stream seeded with ``seed + 1``, batch after batch (so,
+    unlike one-step samples, multi-step samples also depend on the batch size)."""
+    rng = torch.Generator().manual_seed(seed + 1)
+
+    def fn(z, cond, uncond):
         return generator(z, cond, generator=rng)
 
-    return draw_samples(info, generator_fn, noise, labels, batch_size, device,
-                        f"generator x{generator.num_steps}", progress)
+    return fn
 
 
 def write_npz(samples: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -139,14 +140,14 @@ def main() -> None:
             r["training"] = training[label]
         rows.append(r)
         save_sample_grid(samples[:100], out.parent / f"{out.name}_samples" /
-                         f"{label.replace(' ', '_').replace(',', '')}.png")
+                         f"{re.sub(r'[^A-Za-z0-9.-]+', '_', label).strip('_')}.png")
         print(json.dumps({k: r[k] for k in ("label", "nfe", "metrics", "latency_ms_per_image")}),
               flush=True)
     teacher_rows = [r for r in rows if r["label"].startswith("teacher")]
     best = min(teacher_rows, key=lambda r: r["metrics"][FID_DATA])
     report = {"rows": rows, "teacher_best": best["label"], "num_samples": args.num_samples,
               "seed": args.seed, "large_batch": str(args.large_batch), "device": rows[0]["device"],
-              "teacher_reference_metrics": evaluator.teacher_metrics(),
+              "teacher_reference_metrics": evaluator.teacher_metrics(args.num_samples),
               "command": " ".join(["python", "experiments/fmnist_table.py", *sys.argv[1:]]),
               "torch": torch.__version__, "wall_seconds": round(time.time() - started, 1)}
     report["targets"] = targets(rows, best, args.student, str(args.large_batch))

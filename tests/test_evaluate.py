@@ -28,12 +28,26 @@ def test_evaluate_a_teacher_setting_and_a_generator(cli, tmp_path):
     row = (tmp_path / "teacher" / "results.md").read_text().splitlines()
     assert row[0].startswith("| model | NFE | fid_fmnist_vs_data") and "teacher ddim 2 steps" in row[2]
 
+    refs = sorted((tmp_path / "cache" / "references").glob("*.safetensors"))
+    written = [p.stat().st_mtime_ns for p in refs]
     cli("dmd.evaluate", *TINY_EVAL, f"ckpt={STUDENT}", cache, f"hydra.run.dir={tmp_path}/student")
     student = json.loads((tmp_path / "student" / "results.json").read_text())
     assert student["nfe"] == 1 and (tmp_path / "student" / "samples.png").is_file()
-    # The references were computed once, by the first run, and reused by the second.
-    assert len(list((tmp_path / "cache" / "references").glob("*.safetensors"))) == 2
+    # The references were computed once, by the first run, and reused (not rewritten) by the second.
+    assert sorted((tmp_path / "cache" / "references").glob("*.safetensors")) == refs and len(refs) == 2
+    assert [p.stat().st_mtime_ns for p in refs] == written
+    # The teacher's yardstick is measured on as many samples as the model's.
+    assert student["teacher_metrics"] == teacher["teacher_metrics"]
     assert all(v > 0 for v in student["latency_ms_per_image"].values())  # speed: benchmarks only
+
+
+def test_evaluate_a_2d_teacher_with_the_mixture_oracle(cli, tmp_path):
+    cli("dmd.evaluate", "data=gmm8", "teacher=gmm8", "eval=mixture", "sampler=ddim",
+        "sampler.steps=8", "eval.num_samples=2000", "latency.batch_sizes=[1]", "latency.repeats=2",
+        f"hydra.run.dir={tmp_path}/gmm")
+    r = json.loads((tmp_path / "gmm" / "results.json").read_text())
+    assert r["nfe"] == 8 and len(r["metrics"]["mode_shares"]) == 8
+    assert r["metrics"]["min_mode_share"] > 0.08 and r["metrics"]["energy_distance"] < 0.05
 
 
 def test_table_command_writes_rows_and_the_targets(tmp_path):

@@ -124,6 +124,21 @@ def test_missing_inception_weights_give_a_clear_error(tmp_path):
         InceptionFeatures(path=tmp_path, download=False)
 
 
+def test_an_offline_inception_download_fails_clearly_and_leaves_nothing(tmp_path, monkeypatch):
+    import urllib.error
+
+    import cleanfid.inception_torchscript as ts
+
+    def offline(fpath):
+        (tmp_path / "w" / "inception-2015-12-05.pt").write_bytes(b"")  # a download cut short
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(ts, "check_download_inception", offline)
+    with pytest.raises(FileNotFoundError, match="download failed.*no network"):
+        InceptionFeatures(path=tmp_path / "w", download=True)
+    assert not (tmp_path / "w" / "inception-2015-12-05.pt").exists()
+
+
 def _tiny_clip(folder):
     """A randomly initialised CLIP with a letters-only BPE vocabulary, saved like a hub model."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
@@ -155,7 +170,8 @@ def test_clip_score_runs_on_a_tiny_local_clip(tmp_path, fmnist_test):
     prompts = [f"a {name}" for name in ["shirt", "trouser", "pullover", "dress"]]
     score = scorer(images[:4], prompts)
     assert 0 <= score <= 100 and np.isfinite(score)
-    assert scorer(images[:4], prompts) == pytest.approx(score)  # reset between calls
+    other = scorer(torch.rand(4, 1, 28, 28) * 2 - 1, ["a bag"] * 4)
+    assert other != score and scorer(images[:4], prompts) == pytest.approx(score)  # reset between calls
     ev = Evaluator(FMNISTFeatures(), {"data": DataReference(num_samples=100)}, tmp_path,
                    kid_subsets=2, clip=scorer, progress=False)
     assert ev(images[:4], labels[:4], prompts)["clip_score"] == pytest.approx(score)

@@ -1,5 +1,7 @@
 """``python -m dmd.train``: presets run end to end, resume exactly, and release a sampleable generator."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,10 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cli, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # fake score and GAN head too
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["dmd_counters"] == {"iteration": 23, "generator_steps": 5, "fake_steps": 23}
+    # results.json: the first part's end evaluation (generator step 3) is kept, then step 5's.
+    steps = [[e["generator_step"] for e in json.loads((run / "results.json").read_text())["evaluations"]]
+             for run in (straight, resumed)]
+    assert steps == [[5], [3, 5]]
     # The weights moved away from the initialisation: the test compares trained models.
     init = load_file(ROOT / "experiments/checkpoints/gmm8_mlp/unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(a[k], init[k]) for k in a)
@@ -68,8 +74,6 @@ EVAL_KEYS = {"eval/fid_fmnist_vs_data", "eval/kid_fmnist_vs_data", "eval/fid_fmn
 
 @pytest.mark.parametrize("preset,nfe", [("fmnist_dmd", 1), ("fmnist_dmd2", 1), ("fmnist_dmd2_4step", 4)])
 def test_fmnist_presets_run_and_evaluate_during_training(cli, tmp_path, preset, nfe):
-    import json
-
     run = tmp_path / preset
     cli("dmd.train", f"experiment={preset}", *FMNIST_TINY, "algorithm.regression.num_pairs=8",
         "algorithm.regression.steps=2", "algorithm.regression.batch_size=4",
@@ -94,3 +98,10 @@ def test_mistyped_algorithm_key_is_refused(cli, tmp_path):
     proc = cli("dmd.train", "experiment=gmm_dmd2", "algorithm.ttur_ration=3",
                f"hydra.run.dir={tmp_path}/run", check=False)
     assert proc.returncode != 0 and "ttur_ration" in proc.stderr
+
+
+def test_an_evaluator_that_cannot_score_the_samples_is_refused_before_training(cli, tmp_path):
+    proc = cli("dmd.train", "data=gmm8", "teacher=gmm8", "init=${paths.checkpoints_dir}/gmm8_mlp",
+               "max_iterations=2", "logger=none", f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0 and "eval=mixture for 2-D points" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

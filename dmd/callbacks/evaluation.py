@@ -4,7 +4,7 @@ Every ``every_n_generator_steps`` generator updates and once when training ends,
 generator (EMA weights if EMA is on) draws ``num_samples`` samples (seeded noise, balanced
 labels, the same at every evaluation) and the evaluator scores them. Each evaluation
 
-- logs ``eval/<metric>`` (and, once, ``eval/<reference>/<metric>`` for the teacher's
+- logs ``eval/<metric>`` (and, once, ``eval/<reference>/<metric>`` for as many of the teacher's
   reference samples, e.g. ``eval/teacher/class_consistency``) to every Lightning logger, at the trainer's global step, with
   ``eval/generator_step`` and ``eval/iteration`` beside them;
 - writes ``samples/step_<generator step>.png``, a grid of the first ``grid_size`` samples
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,12 +29,20 @@ from dmd.visualize import save_sample_grid
 log = logging.getLogger(__name__)
 
 
+def read_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def update_results(path: Path, **entries) -> dict:
-    """Merge keys into a run's results.json (created if missing) and return its content."""
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    """Merge keys into a run's results.json (created if missing) and return its content.
+
+    Written to a temporary file and renamed, so a crash never leaves half a JSON file."""
+    results = read_results(path)
     results.update(entries)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
     return results
 
 
@@ -41,7 +50,7 @@ class EvaluationCallback(pl.Callback):
     def __init__(self, evaluator, every_n_generator_steps: int = 100, num_samples: int = 1000,
                  grid_size: int = 100, seed: int = 0, batch_size: int = 500):
         if every_n_generator_steps < 1:
-            raise ValueError(f"every_n_generator_steps must be >= 1, got {every_n_generator_steps}.")
+            raise ValueError(f"eval.every_n_generator_steps must be >= 1, got {every_n_generator_steps}.")
         if num_samples < 2:
             raise ValueError(f"eval.num_samples must be >= 2 (FID needs a covariance), got {num_samples}.")
         self.evaluator, self.every = evaluator, every_n_generator_steps
@@ -57,6 +66,19 @@ class EvaluationCallback(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         if getattr(self.evaluator, "teacher", None) is None:
             self.evaluator.teacher = pl_module.teacher
+        self.evaluator.check_sample_shape(pl_module.teacher.sample_shape)  # fail now, not at step N
+        if trainer.global_rank == 0:  # e.g. 10k teacher samples: once, while the others wait
+            self.evaluator.prepare()
+        trainer.strategy.barrier()
+
+    def on_train_start(self, trainer, pl_module):
+        # Counters are restored by now: a fresh run starts an empty record, a resumed one keeps
+        # the evaluations up to where it resumes (a rerun from an earlier checkpoint redoes the rest).
+        path = self.results_path(trainer)
+        if trainer.global_rank == 0 and path.is_file():
+            kept = [e for e in read_results(path).get("evaluations", [])
+                    if e["generator_step"] <= pl_module.generator_steps]
+            update_results(path, evaluations=kept)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = pl_module.generator_steps
@@ -79,7 +101,7 @@ class EvaluationCallback(pl.Callback):
         out_dir = Path(trainer.default_root_dir)
         grid = save_sample_grid(samples[: self.grid_size], out_dir / "samples" / f"step_{step:06d}.png")
         path = self.results_path(trainer)
-        previous = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
+        previous = read_results(path).get("evaluations", [])
         # A resumed run re-evaluates nothing it already has; a rerun of a step replaces it.
         evaluations = [e for e in previous if e["generator_step"] != step]
         evaluations.append({"iteration": iteration, "generator_step": step, "metrics": metrics})
@@ -87,7 +109,7 @@ class EvaluationCallback(pl.Callback):
         logged = {f"eval/{k}": float(v) for k, v in metrics.items()
                   if _scalar(v) and k != "num_samples"}
         if not self.teacher_logged:
-            teacher = self.evaluator.teacher_metrics()
+            teacher = self.evaluator.teacher_metrics(self.num_samples)
             entries["teacher_metrics"] = teacher
             logged.update({f"eval/{k}": float(v) for k, v in teacher.items() if _scalar(v)})
             self.teacher_logged = True

@@ -9,8 +9,10 @@
     clip_score                       CLIP score against the prompts (text-to-image, if a CLIP
                                      model is configured)
 
-``teacher_metrics()`` gives the same numbers for the teacher's reference samples themselves
-(their FID vs the data, their class consistency): the yardstick the student is read against.
+``teacher_metrics(n)`` gives the same numbers for the first ``n`` of the teacher's reference
+samples (their FID vs the data, their class consistency): the yardstick the student is read
+against, at the student's sample count (FID is biased upward at small n, so only equal counts
+compare).
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ class Evaluator:
             self._loaded[name] = self.store.get(self.provenance(name), compute)
         return self._loaded[name]
 
+    def prepare(self) -> None:
+        """Load or compute every reference set now (before training, on one rank)."""
+        for name in self.references:
+            self.reference(name)
+
+    def check_sample_shape(self, shape) -> None:
+        """Fail before training when the extractor cannot take samples of this shape."""
+        self.extractor(torch.zeros(2, *shape, dtype=torch.uint8))
+
     def metrics_of_features(self, feats, logits=None, labels=None, skip: str | None = None) -> dict:
         out = {}
         for name in self.references:
@@ -86,13 +97,16 @@ class Evaluator:
         out["num_samples"] = int(samples.shape[0])
         return out
 
-    def teacher_metrics(self) -> dict:
-        """Metrics of each teacher reference set (against the other references)."""
+    def teacher_metrics(self, num_samples: int | None = None) -> dict:
+        """Metrics of the first ``num_samples`` (all: None) samples of each teacher reference
+        set, against the other references."""
         out = {}
+        n = num_samples
         for name, ref in self.references.items():
             if isinstance(ref, TeacherReference):
                 r = self.reference(name)
-                labels = r["labels"].long() if "labels" in r else None
-                m = self.metrics_of_features(r["features"].double(), r.get("logits"), labels, skip=name)
+                labels = r["labels"][:n].long() if "labels" in r else None
+                logits = r["logits"][:n] if "logits" in r else None
+                m = self.metrics_of_features(r["features"][:n].double(), logits, labels, skip=name)
                 out.update({f"{name}/{k}": v for k, v in m.items()})
         return out

@@ -64,8 +64,9 @@ class FMNISTFeatures:
     def __call__(self, images: Tensor, progress: bool = False) -> tuple[Tensor, Tensor | None]:
         images = torch.as_tensor(images)
         if tuple(images.shape[-3:]) not in ((1, 28, 28), (28, 28, 1)):
-            raise ValueError(f"The fmnist feature network takes 1x28x28 images, got "
-                             f"{tuple(images.shape[1:])}: use eval=inception for other images.")
+            raise ValueError(f"The fmnist feature network (eval=fmnist) takes 1x28x28 images, got "
+                             f"samples of shape {tuple(images.shape[1:])}: use eval=inception for "
+                             "other images, eval=mixture for 2-D points.")
         return extract(self.net, images, self.batch_size, _device(self.device), progress)
 
 

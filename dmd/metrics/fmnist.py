@@ -7,6 +7,7 @@ themselves come from :class:`dmd.metrics.Evaluator` with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dmd import ROOT_DIR
@@ -19,11 +20,14 @@ def load_classifier(path: str | Path = DEFAULT_CLASSIFIER) -> FashionMNISTClassi
     return FashionMNISTClassifier.load(path)
 
 
-def data_evaluator(cache_dir: str | Path = ROOT_DIR / ".cache" / "references", split: str = "test"):
-    """An evaluator of Fashion-MNIST samples against one data split only (no teacher needed)."""
+def data_evaluator(cache_dir: str | Path | None = None, split: str = "test"):
+    """An evaluator of Fashion-MNIST samples against one data split only (no teacher needed);
+    references are cached where ``paths.cache_dir`` puts them ($DMD_CACHE_DIR or .cache/)."""
     from dmd.metrics.evaluator import Evaluator
     from dmd.metrics.extractors import FMNISTFeatures
     from dmd.metrics.reference import DataReference
 
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("DMD_CACHE_DIR", ROOT_DIR / ".cache")) / "references"
     return Evaluator(FMNISTFeatures(), {"data": DataReference(split=split)}, cache_dir,
                      progress=False)

@@ -47,5 +47,13 @@ class MixtureEvaluator:
     def __call__(self, samples: Tensor, labels=None, prompts=None) -> dict:
         return mixture_report(samples, self.mixture, self.num_energy)
 
-    def teacher_metrics(self) -> dict:
+    def prepare(self) -> None:
+        pass
+
+    def check_sample_shape(self, shape) -> None:
+        if tuple(shape) != (self.mixture.means.shape[1],):
+            raise ValueError(f"eval=mixture scores 2-D points, the model makes samples of shape "
+                             f"{tuple(shape)}: use eval=fmnist or eval=inception for images.")
+
+    def teacher_metrics(self, num_samples: int | None = None) -> dict:
         return {}

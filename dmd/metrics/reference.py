@@ -66,6 +66,7 @@ class TeacherReference:
     sampler: str = "heun"
     steps: int = 8
     guidance_scale: float = 2.0
+    spacing: str = "karras"
     num_samples: int = 10_000
     seed: int = 0
     batch_size: int = 500
@@ -74,20 +75,26 @@ class TeacherReference:
 
     def provenance(self, teacher=None) -> dict:
         if teacher is None:
-            raise ValueError("A teacher reference needs the teacher: pass teacher= to the Evaluator.")
+            raise ValueError("A teacher reference needs the teacher: set the evaluator's teacher.")
         from dmd.teachers import weights_digest
 
-        return {"kind": self.kind, "teacher_weights_sha256": weights_digest(teacher.denoiser),
+        d = teacher.denoiser
+        schedule = hashlib.sha256(d.schedule.alphas_cumprod.detach().cpu().double().numpy().tobytes())
+        return {"kind": self.kind, "teacher_weights_sha256": weights_digest(d),
+                "schedule_sha256": schedule.hexdigest(),
+                "prediction_type": getattr(d, "prediction_type", None),
                 "num_classes": teacher.num_classes, "sampler": self.sampler, "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "num_samples": self.num_samples,
-                "seed": self.seed}
+                "guidance_scale": self.guidance_scale, "spacing": self.spacing,
+                "num_samples": self.num_samples, "seed": self.seed}
 
     def images(self, teacher=None, progress: bool = True):
         from dmd.sample import sample_teacher
 
+        # Sample where the teacher already is: during training it is the live real score.
+        device = next(iter(teacher.denoiser.buffers()), torch.empty(0)).device
         return sample_teacher(teacher, self.num_samples, self.sampler, self.steps,
                               self.guidance_scale, seed=self.seed, batch_size=self.batch_size,
-                              progress=progress)
+                              device=device, progress=progress, spacing=self.spacing)
 
 
 def reference_key(provenance: dict) -> str:
@@ -125,7 +132,8 @@ class ReferenceStore:
         found = self.find(provenance)
         if found is not None:
             return found
-        tensors = {k: v.float().contiguous() for k, v in compute().items() if v is not None}
+        tensors = {k: (v.float() if v.is_floating_point() else v).contiguous()
+                   for k, v in compute().items() if v is not None}
         path = self.path(provenance)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
