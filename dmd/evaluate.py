@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmd.generator import Generator, load_generator
 from dmd.latency import device_name, latency_ms_per_image
+from dmd.provenance import run_provenance
 from dmd.runs import require, run_dir, save_resolved_config
 from dmd.sample import default_device, draw_samples, generator_sampling_fn
 from dmd.sampling import SAMPLERS, nfe, sample
@@ -144,6 +145,7 @@ def run(cfg: DictConfig) -> Path:
                                       cfg.batch_size, lat.batch_sizes, lat.repeats, lat.warmup)
     results["teacher_metrics"] = evaluator.teacher_metrics(cfg.eval.num_samples)
     results.update(command=" ".join(["python -m dmd.evaluate", *sys.argv[1:]]),
+                   provenance=run_provenance(),
                    wall_seconds=round(time.time() - started, 1),
                    config=OmegaConf.to_container(cfg, resolve=True))
     save_sample_grid(samples[: cfg.eval.grid_size], out_dir / "samples.png")

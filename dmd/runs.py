@@ -52,3 +52,20 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks=()) -> pl.Trainer:
     logger = instantiate(cfg.logger) if cfg.logger else False  # logger=none gives an empty node
     return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks),
                        default_root_dir=str(out_dir))
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of this run (a multirun job's own swept values included)."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra
+        return []
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """End the active wandb run, if any (so that multirun jobs never merge into one run)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)

@@ -32,7 +32,16 @@ from dmd.distances import build_distance
 from dmd.generator import Generator, load_generator, save_generator
 from dmd.module import DMDModule, copy_denoiser
 from dmd.pairs import pairs_for_config
-from dmd.runs import build_trainer, require, resolve_ckpt_path, run_dir, save_resolved_config
+from dmd.provenance import run_provenance
+from dmd.runs import (
+    build_trainer,
+    finish_wandb,
+    job_overrides,
+    require,
+    resolve_ckpt_path,
+    run_dir,
+    save_resolved_config,
+)
 from dmd.sample import sample_generator
 from dmd.teachers import Teacher, load_teacher
 from dmd.visualize import save_sample_grid
@@ -120,8 +129,9 @@ def train(cfg: DictConfig) -> Path:
     save_sample_grid(samples, out_dir / "samples.png")
     metrics = final_metrics(callbacks)
     results = {
-        "experiment": cfg.get("experiment_name"),
+        "status": "completed", "experiment": cfg.get("experiment_name"),
         "command": " ".join(["python -m dmd.train", *sys.argv[1:]]),
+        "overrides": job_overrides(), "provenance": run_provenance(),
         "iterations": module.iteration, "generator_steps": module.generator_steps,
         "fake_steps": module.fake_steps, "nfe": generator.num_steps,
         "metrics": metrics, "wall_seconds": round(time.time() - started, 1),
@@ -136,7 +146,16 @@ def train(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as err:
+        # A failed job of a sweep still leaves a record that dmd-compare reports.
+        update_results(run_dir() / "results.json", status="failed",
+                       error=f"{type(err).__name__}: {err}"[:2000], overrides=job_overrides(),
+                       command=" ".join(["python -m dmd.train", *sys.argv[1:]]))
+        finish_wandb(exit_code=1)
+        raise
+    finish_wandb()  # multirun jobs share a process: never let one wandb run continue into the next
 
 
 if __name__ == "__main__":

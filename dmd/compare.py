@@ -1,0 +1,188 @@
+"""``dmd-compare``: compare runs of a sweep, aggregated over seeds.
+
+    dmd-compare <multirun dir | run dirs ...> [--metrics fid_fmnist_vs_data ...] [--out DIR]
+
+Reads each run's ``results.json`` (never wandb's binary files): its ``metrics`` (the last
+evaluation), its ``evaluations`` (metrics per generator step) and its ``overrides`` (the
+command-line values, from results.json or Hydra's ``.hydra/overrides.yaml``). Runs are grouped
+by the overrides that differ between runs, ``seed`` excepted; each group gets mean ± std and n
+per metric. A job that failed (``status: failed``) or left no results.json is counted in its
+group's ``failed`` column and never lost among the others. Writes ``comparison.md`` and PNG
+plots (each metric against each swept value with std error bars; each metric against the
+generator step for every run) to ``--out`` (default: ``<first path>/comparison``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+IGNORED = ("seed", "hydra.", "paths.", "trainer.enable_progress_bar", "logger")
+
+
+def find_runs(paths) -> list[Path]:
+    """Run dirs under the given paths: dirs with a results.json or a Hydra job record."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist: give a multirun dir or run dirs.")
+        if (p / "results.json").is_file() or (p / ".hydra").is_dir():
+            runs.append(p)
+            continue
+        found = {f.parent for f in p.rglob("results.json")} | {f.parent for f in p.rglob(".hydra")}
+        runs += sorted(found - {p / "comparison"})
+    if not runs:
+        raise FileNotFoundError(f"No run dirs (results.json or .hydra/) under {list(map(str, paths))}.")
+    return runs
+
+
+def load_run(run: Path) -> dict:
+    results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
+    overrides = results.get("overrides")
+    if overrides is None and (run / ".hydra" / "overrides.yaml").is_file():
+        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+    params = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
+    status = results.get("status", "completed" if results.get("metrics") else "missing")
+    return {"dir": str(run), "params": params, "status": status, "seed": params.get("seed"),
+            "metrics": results.get("metrics") or {}, "evaluations": results.get("evaluations", []),
+            "error": results.get("error")}
+
+
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class Comparison:
+    runs: list[dict]
+    swept: list[str]
+    metrics: list[str]
+    groups: list[dict] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        head = [*self.swept, "n", *(f"{m} (mean ± std)" for m in self.metrics), "failed"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for g in self.groups:
+            cells = [g["params"].get(k, "-") for k in self.swept] + [str(g["n"])]
+            for m in self.metrics:
+                mean, std, n = g["stats"].get(m, (None, None, 0))
+                cells.append("-" if mean is None else f"{mean:.4g} ± {std:.2g}")
+            cells.append(str(g["failed"]))
+            lines.append("| " + " | ".join(cells) + " |")
+        failed = [r for r in self.runs if r["status"] != "completed"]
+        for r in failed:
+            lines.append(f"\nFailed: {r['dir']} ({r['status']}): {r['error'] or 'no results.json'}")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, out_dir: str | Path) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for m in self.metrics:
+            for k in self.swept:  # metric vs swept value, one line per value of the other params
+                fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)
+                others = [o for o in self.swept if o != k]
+                series: dict[tuple, list] = {}
+                for g in self.groups:
+                    if m in g["stats"]:
+                        key = tuple(g["params"].get(o) for o in others)
+                        series.setdefault(key, []).append((g["params"].get(k), *g["stats"][m][:2]))
+                for key, pts in series.items():
+                    pts.sort(key=lambda p: _sort_key(p[0]))
+                    xs = [str(p[0]) for p in pts]
+                    ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                capsize=3, label=", ".join(f"{o}={v}" for o, v in zip(others, key)) or None)
+                ax.set_xlabel(k)
+                ax.set_ylabel(m)
+                if any(others):
+                    ax.legend(fontsize=6)
+                fig.tight_layout()
+                path = out_dir / f"{m}_vs_{k.replace('/', '_')}.png"
+                fig.savefig(path)
+                plt.close(fig)
+                written.append(path)
+            fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)  # metric vs generator step per run
+            for r in self.runs:
+                pts = [(e["generator_step"], e["metrics"][m]) for e in r["evaluations"]
+                       if _numeric(e["metrics"].get(m))]
+                if pts:
+                    label = ", ".join(f"{k}={r['params'].get(k)}" for k in [*self.swept, "seed"])
+                    ax.plot(*zip(*pts), marker=".", label=label)
+            ax.set_xlabel("generator step")
+            ax.set_ylabel(m)
+            ax.legend(fontsize=5)
+            fig.tight_layout()
+            path = out_dir / f"{m}_vs_generator_step.png"
+            fig.savefig(path)
+            plt.close(fig)
+            written.append(path)
+        return written
+
+
+def _sort_key(v):
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def compare(paths, metrics: list[str] | None = None) -> Comparison:
+    """Group the runs under ``paths`` by their swept overrides and aggregate over seeds."""
+    runs = [load_run(r) for r in find_runs(paths)]
+    keys = sorted({k for r in runs for k in r["params"]})
+    swept = [k for k in keys if not k.startswith(IGNORED)
+             and len({r["params"].get(k) for r in runs}) > 1]
+    if metrics is None:
+        done = [r for r in runs if r["status"] == "completed"]
+        metrics = sorted({k for r in done for k, v in r["metrics"].items() if _numeric(v)}
+                         - {"num_samples"})
+    groups: dict[tuple, dict] = {}
+    for r in runs:
+        key = tuple(r["params"].get(k) for k in swept)
+        g = groups.setdefault(key, {"params": dict(zip(swept, key)), "runs": [], "failed": 0})
+        if r["status"] == "completed":
+            g["runs"].append(r)
+        else:
+            g["failed"] += 1
+    out = []
+    for key in sorted(groups, key=lambda t: [_sort_key(v) for v in t]):
+        g = groups[key]
+        stats = {}
+        for m in metrics:
+            vals = [r["metrics"][m] for r in g["runs"] if _numeric(r["metrics"].get(m))]
+            if vals:
+                stats[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                            len(vals))
+        out.append({"params": g["params"], "n": len(g["runs"]), "failed": g["failed"], "stats": stats})
+    return Comparison(runs, swept, list(metrics), out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="a multirun dir, or run dirs")
+    p.add_argument("--metrics", nargs="*", default=None, help="metrics to show (default: all)")
+    p.add_argument("--out", default=None, help="where comparison.md and the plots go")
+    args = p.parse_args(argv)
+    c = compare(args.paths, args.metrics)
+    out = Path(args.out) if args.out else Path(args.paths[0]) / "comparison"
+    out.mkdir(parents=True, exist_ok=True)
+    md = c.markdown()
+    (out / "comparison.md").write_text(md)
+    plots = c.plot(out)
+    print(md)
+    print(f"Wrote {out / 'comparison.md'} and {len(plots)} plots in {out}.")
+
+
+if __name__ == "__main__":
+    main()

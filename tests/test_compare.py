@@ -1,0 +1,89 @@
+"""Sweeps and their comparison: a toy multirun with wandb offline, dmd-compare over seeds, a
+failed job reported without losing the others, and provenance in every results.json."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from dmd.compare import compare
+
+TOY = ["experiment=gmm_dmd2", "max_iterations=4", "data.num_samples=256", "data.batch_size=32",
+       "eval.num_samples=200", "trainer.enable_progress_bar=false"]
+
+
+def _fake_run(folder, ratio, seed, fid=None, status="completed"):
+    folder.mkdir(parents=True)
+    results = {"status": status, "overrides": ["experiment=x", f"algorithm.ttur_ratio={ratio}", f"seed={seed}"]}
+    if fid is not None:
+        results["metrics"] = {"fid": fid, "num_samples": 10}
+        results["evaluations"] = [{"generator_step": s, "metrics": {"fid": fid + 10 / s}} for s in (1, 2)]
+    else:
+        results["error"] = "ValueError: boom"
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_compare_aggregates_over_seeds_and_reports_failures(tmp_path):
+    _fake_run(tmp_path / "0", 1, 0, 2.0)
+    _fake_run(tmp_path / "1", 1, 1, 4.0)
+    _fake_run(tmp_path / "2", 5, 0, 1.0)
+    _fake_run(tmp_path / "3", 5, 1, None, status="failed")
+    c = compare([tmp_path])
+    assert c.swept == ["algorithm.ttur_ratio"] and c.metrics == ["fid"]
+    by_ratio = {g["params"]["algorithm.ttur_ratio"]: g for g in c.groups}
+    assert by_ratio["1"]["n"] == 2 and by_ratio["1"]["stats"]["fid"][:2] == pytest.approx((3.0, 2 ** 0.5))
+    assert by_ratio["5"]["n"] == 1 and by_ratio["5"]["failed"] == 1
+    md = c.markdown()
+    assert "| 1 | 2 | 3 ± 1.4 | 0 |" in md and "| 5 | 1 | 1 ± 0 | 1 |" in md
+    assert "ValueError: boom" in md
+    plots = c.plot(tmp_path / "cmp")
+    assert {p.name for p in plots} == {"fid_vs_algorithm.ttur_ratio.png", "fid_vs_generator_step.png"}
+
+
+def test_toy_multirun_logs_to_wandb_offline_and_compares(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    cli("dmd.train", "-m", *TOY, "logger=wandb", "algorithm.ttur_ratio=1,2", "seed=0,1",
+        f"hydra.sweep.dir={sweep}")
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 4
+    ids = set()
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        assert results["status"] == "completed" and results["metrics"]
+        prov = results["provenance"]
+        assert len(prov["git"]["commit"]) == 40 and prov["packages"]["torch"]
+        offline = list((run / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1  # every job finished its own wandb run
+        ids.add(offline[0].name.rsplit("-", 1)[-1])
+        logger = yaml.safe_load((run / "config_resolved.yaml").read_text())["logger"]
+        assert logger["group"] == "gmm_dmd2" and logger["offline"] is True
+    assert len(ids) == 4
+    proc = subprocess.run([sys.executable, "-m", "dmd.compare", str(sweep)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| algorithm.ttur_ratio | n |" in proc.stdout and "| 2 | 2 |" in proc.stdout
+    assert (sweep / "comparison" / "comparison.md").is_file()
+    assert len(list((sweep / "comparison").glob("*_vs_generator_step.png"))) >= 1
+
+
+def test_a_failed_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("dmd.train", "-m", *TOY, "logger=none", "algorithm.ttur_ratio=0,2",
+               f"hydra.sweep.dir={sweep}", check=False)
+    assert "ttur_ratio must be >= 1" in proc.stderr
+    failed = json.loads((sweep / "0" / "results.json").read_text())
+    assert failed["status"] == "failed" and "ttur_ratio must be >= 1" in failed["error"]
+    assert json.loads((sweep / "1" / "results.json").read_text())["status"] == "completed"
+    md = compare([sweep]).markdown()
+    assert "| 0 | 0 |" in md and "| 2 | 1 |" in md and "Failed:" in md
+
+
+def test_the_same_toy_job_twice_gives_identical_metrics(cli, tmp_path):
+    metrics = []
+    for name in ("a", "b"):
+        cli("dmd.train", *TOY, "logger=none", "seed=3", f"hydra.run.dir={tmp_path / name}")
+        metrics.append(json.loads((tmp_path / name / "results.json").read_text())["metrics"])
+    assert metrics[0] == metrics[1]
