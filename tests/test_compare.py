@@ -87,3 +87,43 @@ def test_the_same_toy_job_twice_gives_identical_metrics(cli, tmp_path):
         cli("dmd.train", *TOY, "logger=none", "seed=3", f"hydra.run.dir={tmp_path / name}")
         metrics.append(json.loads((tmp_path / name / "results.json").read_text())["metrics"])
     assert metrics[0] == metrics[1]
+
+
+@pytest.mark.parametrize("sweep", ["ttur", "gan_weight", "guidance", "lr", "regression", "seeds",
+                                   "dmd2_ablation"])
+def test_sweep_presets_compose(sweep):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert "seed" in params and len(params) >= 1
+    if sweep == "dmd2_ablation":  # every experiment it names exists and has the intended recipe
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            recipes = {e: compose("train", overrides=[f"experiment={e}"]).algorithm
+                       for e in params.experiment.split(",")}
+        reg, ratio, gan = ({e: f(a) for e, a in recipes.items()} for f in (
+            lambda a: a.regression.weight > 0, lambda a: a.ttur_ratio, lambda a: a.gan.generator_weight > 0))
+        assert reg == {"fmnist_dmd": True, "abl_no_regression": False, "abl_ttur": False,
+                       "fmnist_dmd2": False, "abl_gan_only": False}
+        assert ratio["abl_no_regression"] == 1 and ratio["abl_ttur"] == 5 and gan["fmnist_dmd2"]
+        assert not gan["abl_ttur"] and recipes["abl_gan_only"].dm_weight == 0
+
+
+def test_launchers_compose_and_the_slurm_launcher_instantiates():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        slurm = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        local = compose("train", overrides=["hydra/launcher=local_parallel"], return_hydra_config=True)
+    assert type(instantiate(slurm.hydra.launcher)).__name__ == "SlurmLauncher"
+    assert slurm.hydra.launcher.gpus_per_node == 1
+    assert local.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_a_sweep_preset_runs_as_a_multirun(cli, tmp_path):
+    cli("dmd.train", "-m", "+sweep=seeds", *TOY, "logger=none", f"hydra.sweep.dir={tmp_path}")
+    seeds = sorted(json.loads((tmp_path / str(i) / "results.json").read_text())["config"]["seed"]
+                   for i in range(3))
+    assert seeds == [0, 1, 2]
