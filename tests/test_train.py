@@ -87,7 +87,8 @@ def test_fmnist_presets_run_and_evaluate_during_training(cli, tmp_path, preset, 
     assert steps == list(range(1, results["generator_steps"] + 1)) and len(steps) >= 2
     assert results["metrics"] == results["evaluations"][-1]["metrics"]
     assert 0 <= results["teacher_metrics"]["teacher/class_consistency"] <= 1
-    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    (log,) = (run / "csv").glob("version_*/metrics.csv")
+    header = log.read_text().splitlines()[0].split(",")
     assert EVAL_KEYS <= set(header), EVAL_KEYS - set(header)
     assert (run / "samples" / f"step_{steps[-1]:06d}.png").is_file()
     if preset == "fmnist_dmd":  # regression pairs were made once and cached with provenance
@@ -105,3 +106,14 @@ def test_an_evaluator_that_cannot_score_the_samples_is_refused_before_training(c
                "max_iterations=2", "logger=none", f"hydra.run.dir={tmp_path}/run", check=False)
     assert proc.returncode != 0 and "eval=mixture for 2-D points" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_keeps_the_csv_log_of_the_part_before(cli, tmp_path):
+    run = tmp_path / "run"
+    base = [o for o in TINY_GMM if o != "logger=none"] + ["logger=csv", "trainer.log_every_n_steps=1"]
+    cli("dmd.train", *base, "max_iterations=4", f"hydra.run.dir={run}")
+    cli("dmd.train", *base, "max_iterations=8", f"hydra.run.dir={run}")
+    logs = sorted((run / "csv").glob("version_*/metrics.csv"))
+    assert len(logs) == 2
+    first = logs[0].read_text().splitlines()
+    assert len(first) > 2 and "loss/fake" in first[0]
