@@ -57,6 +57,8 @@ def test_toy_multirun_logs_to_wandb_offline_and_compares(cli, tmp_path):
         assert len(prov["git"]["commit"]) == 40 and prov["packages"]["torch"]
         offline = list((run / "wandb").glob("offline-run-*"))
         assert len(offline) == 1  # every job finished its own wandb run
+        media = offline[0] / "files" / "media"  # the callback's grid and metrics table
+        assert list(media.glob("images/eval/samples_*.png")) and list(media.glob("table/eval/*.table.json"))
         ids.add(offline[0].name.rsplit("-", 1)[-1])
         logger = yaml.safe_load((run / "config_resolved.yaml").read_text())["logger"]
         assert logger["group"] == "gmm_dmd2" and logger["offline"] is True

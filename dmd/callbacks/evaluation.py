@@ -8,7 +8,7 @@ labels, the same at every evaluation) and the evaluator scores them. Each evalua
   reference samples, e.g. ``eval/teacher/class_consistency``) to every Lightning logger, at the trainer's global step, with
   ``eval/generator_step`` and ``eval/iteration`` beside them;
 - writes ``samples/step_<generator step>.png``, a grid of the first ``grid_size`` samples
-  (also sent to loggers that take images, e.g. wandb);
+  (also sent to loggers that take images and tables, e.g. wandb: the grid and a metrics table);
 - appends {iteration, generator_step, metrics} to ``evaluations`` in the run's
   ``results.json`` (the teacher's metrics go to ``teacher_metrics``).
 """
@@ -115,10 +115,14 @@ class EvaluationCallback(pl.Callback):
             self.teacher_logged = True
         update_results(path, **entries)
         logged.update({"eval/generator_step": step, "eval/iteration": iteration})
+        table = [[k, float(v)] for k, v in metrics.items() if _scalar(v)]
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
-            if hasattr(logger, "log_image"):  # e.g. WandbLogger
+            if hasattr(logger, "log_image"):  # e.g. WandbLogger: the grid and a metrics table
                 logger.log_image("eval/samples", [str(grid)], step=trainer.global_step)
+            if hasattr(logger, "log_table"):
+                logger.log_table(f"eval/metrics_step_{step}", columns=["metric", "value"],
+                                 data=table, step=trainer.global_step)
         self.last_step, self.latest = step, metrics
         log.info("Evaluation at generator step %d: %s", step,
                  {k: round(v, 4) for k, v in metrics.items() if _scalar(v)})
