@@ -107,11 +107,7 @@ class Comparison:
                 ax.set_ylabel(m)
                 if any(others):
                     ax.legend(fontsize=6)
-                fig.tight_layout()
-                path = out_dir / f"{m}_vs_{k.replace('/', '_')}.png"
-                fig.savefig(path)
-                plt.close(fig)
-                written.append(path)
+                written.append(_save(fig, out_dir / f"{m}_vs_{k.replace('/', '_')}.png"))
             fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)  # metric vs generator step per run
             for r in self.runs:
                 pts = [(e["generator_step"], e["metrics"][m]) for e in r["evaluations"]
@@ -122,12 +118,17 @@ class Comparison:
             ax.set_xlabel("generator step")
             ax.set_ylabel(m)
             ax.legend(fontsize=5)
-            fig.tight_layout()
-            path = out_dir / f"{m}_vs_generator_step.png"
-            fig.savefig(path)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, out_dir / f"{m}_vs_generator_step.png"))
         return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _sort_key(v):

@@ -30,8 +30,8 @@ from dmd.generator import Generator, load_generator
 from dmd.latency import device_name, latency_ms_per_image
 from dmd.provenance import run_provenance
 from dmd.runs import require, run_dir, save_resolved_config
-from dmd.sample import default_device, draw_samples, generator_sampling_fn
-from dmd.sampling import SAMPLERS, nfe, sample
+from dmd.sample import default_device, draw_samples, generator_sampling_fn, teacher_sampling_fn
+from dmd.sampling import SAMPLERS, nfe
 from dmd.teachers import Teacher
 from dmd.visualize import save_sample_grid
 
@@ -51,11 +51,9 @@ class Model:
 
 def teacher_model(teacher: Teacher, sampler: str = "heun", steps: int = 8,
                   guidance_scale: float = 2.0, spacing: str = "karras") -> Model:
-    def fn(z, cond, uncond):
-        return sample(teacher.denoiser, z, cond, uncond, sampler, steps, guidance_scale, spacing)
-
     return Model(f"teacher {sampler} {steps} step{'s' * (steps > 1)}, CFG {guidance_scale:g}",
-                 nfe(sampler, steps, guidance_scale), teacher, fn, teacher.denoiser)
+                 nfe(sampler, steps, guidance_scale), teacher,
+                 teacher_sampling_fn(teacher, sampler, steps, guidance_scale, spacing), teacher.denoiser)
 
 
 def generator_model(generator: Generator, info: Teacher, name: str = "generator",

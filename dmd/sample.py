@@ -68,11 +68,19 @@ def sample_teacher(teacher: Teacher, num_samples: int, name: str = "ddim", steps
     teacher.denoiser.to(device)
     noise = torch.randn(num_samples, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
 
-    def teacher_fn(z, cond, uncond):
+    return draw_samples(teacher, teacher_sampling_fn(teacher, name, steps, guidance_scale, spacing),
+                        noise, labels, batch_size, device,
+                        f"{name} x{steps}", progress)
+
+
+def teacher_sampling_fn(teacher: Teacher, name: str = "ddim", steps: int = 25,
+                        guidance_scale: float = 1.0, spacing: str = "karras"):
+    """``fn(noise, cond, uncond)`` running the teacher's ODE sampler."""
+
+    def fn(z, cond, uncond):
         return sample(teacher.denoiser, z, cond, uncond, name, steps, guidance_scale, spacing)
 
-    return draw_samples(teacher, teacher_fn, noise, labels, batch_size, device,
-                        f"{name} x{steps}", progress)
+    return fn
 
 
 def sample_generator(generator: Generator, info: Teacher, num_samples: int, seed: int = 0,

@@ -34,11 +34,12 @@ def read_results(path: Path) -> dict:
 
 
 def update_results(path: Path, **entries) -> dict:
-    """Merge keys into a run's results.json (created if missing) and return its content.
+    """Merge keys into a run's results.json (created if missing) and return its content."""
+    return write_results(path, {**read_results(path), **entries})
 
-    Written to a temporary file and renamed, so a crash never leaves half a JSON file."""
-    results = read_results(path)
-    results.update(entries)
+
+def write_results(path: Path, results: dict) -> dict:
+    """Write results.json through a temporary file and a rename (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=2))
@@ -101,9 +102,9 @@ class EvaluationCallback(pl.Callback):
         out_dir = Path(trainer.default_root_dir)
         grid = save_sample_grid(samples[: self.grid_size], out_dir / "samples" / f"step_{step:06d}.png")
         path = self.results_path(trainer)
-        previous = read_results(path).get("evaluations", [])
+        results = read_results(path)
         # A resumed run re-evaluates nothing it already has; a rerun of a step replaces it.
-        evaluations = [e for e in previous if e["generator_step"] != step]
+        evaluations = [e for e in results.get("evaluations", []) if e["generator_step"] != step]
         evaluations.append({"iteration": iteration, "generator_step": step, "metrics": metrics})
         entries = {"evaluations": evaluations}
         logged = {f"eval/{k}": float(v) for k, v in metrics.items()
@@ -113,7 +114,7 @@ class EvaluationCallback(pl.Callback):
             entries["teacher_metrics"] = teacher
             logged.update({f"eval/{k}": float(v) for k, v in teacher.items() if _scalar(v)})
             self.teacher_logged = True
-        update_results(path, **entries)
+        write_results(path, {**results, **entries})
         logged.update({"eval/generator_step": step, "eval/iteration": iteration})
         table = [[k, float(v)] for k, v in metrics.items() if _scalar(v)]
         for logger in trainer.loggers:

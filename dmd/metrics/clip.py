@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dmd.metrics.extractors import to_uint8_nhwc
+from dmd.metrics.extractors import quantize
 
 
 class _FeatureTensors(torch.nn.Module):
@@ -66,7 +66,7 @@ class CLIPScorer:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts.")
         self.metric.reset()
-        uint8 = torch.from_numpy(to_uint8_nhwc(images)).permute(0, 3, 1, 2)
+        uint8 = quantize(images)
         if uint8.shape[1] == 1:
             uint8 = uint8.expand(-1, 3, -1, -1)
         for start in range(0, uint8.shape[0], self.batch_size):

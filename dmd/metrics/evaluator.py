@@ -22,15 +22,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dmd.data.fmnist import to_uint8
+from dmd.metrics.extractors import quantize
 from dmd.metrics.fid import fid_from_features, kid_from_features
 from dmd.metrics.reference import ReferenceStore, TeacherReference
-
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8, as they would be saved: every metric sees what a
-    user sees (and out-of-range values are clipped, as in a PNG)."""
-    return images if images.dtype == torch.uint8 else to_uint8(images)
 
 
 class Evaluator:
@@ -62,7 +56,9 @@ class Evaluator:
                 return {"features": feats, "logits": logits,
                         "labels": None if labels is None else labels.float()}
 
-            self._loaded[name] = self.store.get(self.provenance(name), compute)
+            stored = self.store.get(self.provenance(name), compute)
+            # float64 once here, not at every evaluation (the FID statistics need it)
+            self._loaded[name] = {**stored, "features": stored["features"].double()}
         return self._loaded[name]
 
     def prepare(self) -> None:

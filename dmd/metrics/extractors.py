@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dmd.metrics.features import FashionMNISTClassifier, as_model_input, extract
+from dmd.data.fmnist import to_uint8
+from dmd.metrics.features import FashionMNISTClassifier, extract
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -34,11 +35,16 @@ def _device(device) -> torch.device:
     return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def quantize(images: Tensor) -> Tensor:
+    """Float images in [-1, 1] -> uint8, as they would be saved: every metric sees what a user
+    sees (out-of-range values clipped, as in a PNG). uint8 input passes unchanged."""
+    images = torch.as_tensor(images)
+    return images if images.dtype == torch.uint8 else to_uint8(images)
+
+
 def to_uint8_nhwc(images: Tensor) -> np.ndarray:
     """Images in [-1, 1] (NCHW float) or uint8 (NCHW / NHWC) -> uint8 NHWC numpy."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8:
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = quantize(images)
     if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
         x = x.permute(0, 2, 3, 1)
     return x.contiguous().numpy()
@@ -128,4 +134,4 @@ class InceptionFeatures:
         return torch.cat(feats), None
 
 
-__all__ = ["FMNISTFeatures", "InceptionFeatures", "as_model_input", "to_uint8_nhwc"]
+__all__ = ["FMNISTFeatures", "InceptionFeatures", "quantize", "to_uint8_nhwc"]
