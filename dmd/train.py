@@ -107,11 +107,21 @@ def final_metrics(callbacks) -> dict:
     return evals[0].latest if evals else {}
 
 
+def set_training_length(cfg: DictConfig) -> None:
+    """Turns ``generator_steps`` (when set) into ``max_iterations``: at TTUR ratio r the generator
+    steps on every r-th iteration, so N generator updates take N * r iterations."""
+    steps = cfg.get("generator_steps")
+    if steps is not None:
+        require(steps >= 1, f"generator_steps must be >= 1 (or null to use max_iterations), got {steps}.")
+        cfg.max_iterations = int(steps) * int(cfg.algorithm.ttur_ratio)
+    require(cfg.max_iterations >= 1, f"max_iterations must be >= 1, got {cfg.max_iterations}.")
+
+
 def train(cfg: DictConfig) -> Path:
     started = time.time()
     out_dir = run_dir()
+    set_training_length(cfg)
     save_resolved_config(cfg, out_dir)
-    require(cfg.max_iterations >= 1, f"max_iterations must be >= 1, got {cfg.max_iterations}.")
     pl.seed_everything(cfg.seed, workers=True)
 
     teacher: Teacher = instantiate(cfg.teacher)

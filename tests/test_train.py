@@ -46,8 +46,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cli, tmp_path):
 
 def test_released_generator_samples_through_the_cli(cli, tmp_path):
     run = tmp_path / "run"
-    cli("dmd.train", *TINY_GMM, "max_iterations=3", f"hydra.run.dir={run}")
+    # The length in generator updates: at TTUR ratio 5, one generator step = 5 iterations.
+    cli("dmd.train", *TINY_GMM, "generator_steps=1", "algorithm.ttur_ratio=5", f"hydra.run.dir={run}")
     assert (run / "samples.png").is_file() and (run / "results.json").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert (results["iterations"], results["generator_steps"], results["fake_steps"]) == (5, 1, 5)
     out = tmp_path / "g.npz"
     cli("dmd.sample", f"ckpt={run}", "num_samples=64", f"out={out}", "seed=3",
         f"hydra.run.dir={tmp_path}/sample")
