@@ -1,6 +1,7 @@
 """``dmd-compare``: compare runs of a sweep, aggregated over seeds.
 
     dmd-compare <multirun dir | run dirs ...> [--metrics fid_fmnist_vs_data ...] [--out DIR]
+    dmd-compare --wandb <entity>/<project> --group <name> --out DIR      (online runs)
 
 Reads each run's ``results.json`` (never wandb's binary files): its ``metrics`` (the last
 evaluation), its ``evaluations`` (metrics per generator step) and its ``overrides`` (the
@@ -10,6 +11,8 @@ per metric. A job that failed (``status: failed``) or left no results.json is co
 group's ``failed`` column and never lost among the others. Writes ``comparison.md`` and PNG
 plots (each metric against each swept value with std error bars; each metric against the
 generator step for every run) to ``--out`` (default: ``<first path>/comparison``).
+With ``--wandb``, the runs of a wandb group are read through the public API instead
+(``dmd.wandb_runs``).
 """
 
 from __future__ import annotations
@@ -138,9 +141,10 @@ def _sort_key(v):
         return (1, 0.0, str(v))
 
 
-def compare(paths, metrics: list[str] | None = None) -> Comparison:
-    """Group the runs under ``paths`` by their swept overrides and aggregate over seeds."""
-    runs = [load_run(r) for r in find_runs(paths)]
+def compare(paths=(), metrics: list[str] | None = None, runs: list[dict] | None = None) -> Comparison:
+    """Group the runs under ``paths`` (or the given run records, e.g. ``wandb_runs.group_runs``)
+    by their swept overrides and aggregate over seeds."""
+    runs = [load_run(r) for r in find_runs(paths)] if runs is None else runs
     keys = sorted({k for r in runs for k in r["params"]})
     swept = [k for k in keys if not k.startswith(IGNORED)
              and len({r["params"].get(k) for r in runs}) > 1]
@@ -171,11 +175,22 @@ def compare(paths, metrics: list[str] | None = None) -> Comparison:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", help="a multirun dir, or run dirs")
+    p.add_argument("paths", nargs="*", help="a multirun dir, or run dirs")
     p.add_argument("--metrics", nargs="*", default=None, help="metrics to show (default: all)")
     p.add_argument("--out", default=None, help="where comparison.md and the plots go")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="pull runs from wandb (online) instead")
+    p.add_argument("--group", help="the wandb group to pull (with --wandb)")
     args = p.parse_args(argv)
-    c = compare(args.paths, args.metrics)
+    if bool(args.wandb) == bool(args.paths) or bool(args.wandb) != bool(args.group):
+        p.error("give run paths, or --wandb ENTITY/PROJECT --group NAME (and --out).")
+    if args.wandb:
+        from dmd.wandb_runs import group_runs
+
+        if not args.out:
+            p.error("--wandb needs --out DIR (where comparison.md and the plots go).")
+        c = compare(metrics=args.metrics, runs=group_runs(args.wandb, args.group))
+    else:
+        c = compare(args.paths, args.metrics)
     out = Path(args.out) if args.out else Path(args.paths[0]) / "comparison"
     out.mkdir(parents=True, exist_ok=True)
     md = c.markdown()

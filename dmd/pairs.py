@@ -19,8 +19,9 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from dmd.files import save_safetensors
 from dmd.sample import sample_teacher
 from dmd.teachers import Teacher, weights_digest
 
@@ -55,8 +56,8 @@ def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path
         return load_file(path)
     pairs = make_pairs(teacher, num_pairs, sampler, steps, guidance_scale, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in pairs.items()}, path)
     path.with_suffix(".json").write_text(json.dumps(prov, indent=2))
+    save_safetensors({k: v.contiguous() for k, v in pairs.items()}, path)  # parallel jobs never read half a file
     log.info("Regression pairs: wrote %d to %s", num_pairs, path)
     return pairs
 
@@ -64,8 +65,10 @@ def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path
 def pairs_for_config(cfg: DictConfig, teacher: Teacher) -> dict:
     """The pairs of ``cfg.algorithm.regression`` for this teacher (cached in ``paths.cache_dir``)."""
     reg = cfg.algorithm.regression
-    provenance = {"teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
-                  "teacher_weights": weights_digest(teacher.denoiser)}
+    # The weights digest identifies the teacher; its folder's location does not (the same pairs
+    # serve every checkout and worktree).
+    teacher_cfg = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k != "path"}
+    provenance = {"teacher": teacher_cfg, "teacher_weights": weights_digest(teacher.denoiser)}
     return load_or_make_pairs(teacher, provenance, cfg.paths.cache_dir, reg.num_pairs,
                               reg.sampler, reg.steps, reg.guidance_scale, seed=reg.seed)
 

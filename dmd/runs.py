@@ -50,6 +50,8 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
 def build_trainer(cfg: DictConfig, out_dir: Path, callbacks=()) -> pl.Trainer:
     """Instantiate ``cfg.trainer`` with the configured logger and extra callbacks."""
     logger = instantiate(cfg.logger) if cfg.logger else False  # logger=none gives an empty node
+    if logger:  # the resolved config + this run's overrides (dmd-compare --wandb groups by them)
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "overrides": job_overrides()})
     return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks),
                        default_root_dir=str(out_dir))
 

@@ -60,6 +60,11 @@ def test_toy_multirun_logs_to_wandb_offline_and_compares(cli, tmp_path):
         media = offline[0] / "files" / "media"  # the callback's grid and metrics table
         assert list(media.glob("images/eval/samples_*.png")) and list(media.glob("table/eval/*.table.json"))
         ids.add(offline[0].name.rsplit("-", 1)[-1])
+        # The run's config holds its overrides (what `dmd-compare --wandb` groups by). Offline,
+        # wandb keeps the config only in its record file, where the JSON values are plain text.
+        record = next(offline[0].glob("run-*.wandb")).read_bytes()
+        assert b"overrides" in record and b"ttur_ratio" in record
+        assert f'"seed={results["config"]["seed"]}"'.encode() in record
         logger = yaml.safe_load((run / "config_resolved.yaml").read_text())["logger"]
         assert logger["group"] == "gmm_dmd2" and logger["offline"] is True
     assert len(ids) == 4
@@ -69,6 +74,45 @@ def test_toy_multirun_logs_to_wandb_offline_and_compares(cli, tmp_path):
     assert "| algorithm.ttur_ratio | n |" in proc.stdout and "| 2 | 2 |" in proc.stdout
     assert (sweep / "comparison" / "comparison.md").is_file()
     assert len(list((sweep / "comparison").glob("*_vs_generator_step.png"))) >= 1
+
+
+class _FakeWandbRun:
+    """What dmd.wandb_runs reads of a ``wandb.apis.public.Run``."""
+
+    def __init__(self, ratio, seed, fid, state="finished"):
+        self.path = ["me", "dmd", f"r{ratio}s{seed}"]
+        self.state = state
+        self.config = {"overrides": [f"algorithm.ttur_ratio={ratio}", f"seed={seed}"]}
+        self.summary = {"eval/fid": fid, "eval/generator_step": 2, "eval/teacher/fid": 9.0, "loss": 1.0}
+        self.rows = [{"loss": 1.0}, {"eval/generator_step": 1, "eval/fid": fid + 5},
+                     {"eval/generator_step": 2, "eval/fid": fid}]
+
+    def scan_history(self):
+        return iter(self.rows)
+
+
+class _FakeWandbApi:
+    def __init__(self, runs):
+        self._runs, self.asked = runs, []
+
+    def runs(self, path, filters=None):
+        self.asked.append((path, filters))
+        return [r for r in self._runs if filters == {"group": "abl"}]
+
+
+def test_compare_pulls_a_wandb_group_through_the_public_api():
+    from dmd.wandb_runs import group_runs
+
+    api = _FakeWandbApi([_FakeWandbRun(1, 0, 2.0), _FakeWandbRun(1, 1, 4.0),
+                         _FakeWandbRun(5, 0, 1.0), _FakeWandbRun(5, 1, 0.0, state="crashed")])
+    c = compare(runs=group_runs("me/dmd", "abl", api=api))
+    assert api.asked == [("me/dmd", {"group": "abl"})]
+    assert c.swept == ["algorithm.ttur_ratio"] and c.metrics == ["fid"]  # no teacher/counter keys
+    md = c.markdown()
+    assert "| 1 | 2 | 3 ± 1.4 | 0 |" in md and "| 5 | 1 | 1 ± 0 | 1 |" in md and "wandb state crashed" in md
+    assert [e["generator_step"] for e in c.runs[0]["evaluations"]] == [1, 2]
+    with pytest.raises(LookupError, match="No wandb runs in group 'other'"):
+        group_runs("me/dmd", "other", api=api)
 
 
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path):

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import numbers
-import os
 from pathlib import Path
 
 import pytorch_lightning as pl
 
+from dmd.files import atomic_path
 from dmd.sample import sample_generator
 from dmd.visualize import save_sample_grid
 
@@ -40,10 +40,8 @@ def update_results(path: Path, **entries) -> dict:
 
 def write_results(path: Path, results: dict) -> dict:
     """Write results.json through a temporary file and a rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     return results
 
 

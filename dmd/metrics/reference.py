@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from dmd.files import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,7 @@ class ReferenceStore:
                    for k, v in compute().items() if v is not None}
         path = self.path(provenance)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(tensors, tmp)  # written whole, then renamed: no half-written file is ever found
         path.with_suffix(".json").write_text(json.dumps(provenance, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        save_safetensors(tensors, path)  # the tensors last: found only once whole
         log.info("Reference %s: computed and cached at %s", provenance["source"], path)
         return tensors
