@@ -25,6 +25,59 @@ def drop_labels(labels: Tensor, num_classes: int, p: float, generator=None) -> T
     return torch.where(drop, null_labels_like(labels, num_classes), labels)
 
 
+def map_condition(fn, cond):
+    """Apply ``fn`` to every tensor of a condition (None, a tensor, or a nested dict of them)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: map_condition(fn, v) for k, v in cond.items()}
+    return fn(cond)
+
+
+def condition_to(cond, device):
+    """A condition moved to ``device`` (None: left where it is)."""
+    return cond if device is None else map_condition(lambda t: t.to(device), cond)
+
+
+def select_condition(cond, index):
+    """Rows ``index`` (a slice or an index tensor) of a batched condition."""
+    return map_condition(lambda t: t[index], cond)
+
+
+def repeat_condition(cond, n: int):
+    """A batch-1 condition repeated to ``n`` rows."""
+    return map_condition(lambda t: t.expand(n, *t.shape[1:]).contiguous(), cond)
+
+
+def condition_size(cond) -> int:
+    """The batch size of a condition (dicts: of their first tensor)."""
+    while isinstance(cond, dict):
+        cond = next(iter(cond.values()))
+    return cond.shape[0]
+
+
+def flatten_condition(cond, prefix: str = "") -> dict:
+    """A nested condition dict as flat ``{"a.b": tensor}`` (for safetensors files)."""
+    if not isinstance(cond, dict):
+        return {prefix: cond}
+    out = {}
+    for k, v in cond.items():
+        out.update(flatten_condition(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def unflatten_condition(flat: dict) -> dict:
+    """Inverse of :func:`flatten_condition`."""
+    out: dict = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
 def concat_conditions(a, b):
     """Stack two conditions of the same kind along the batch (one forward for cond+uncond)."""
     if isinstance(a, dict):

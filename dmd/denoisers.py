@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from dmd.conditioning import map_condition
 from dmd.schedule import VPSchedule
 
 
@@ -54,6 +55,13 @@ class DiffusersUNetDenoiser(Denoiser):
         self.unet = unet
 
     def network_output(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        dtype = getattr(self.unet, "dtype", x_t.dtype)
+        if dtype != x_t.dtype:  # a half-precision (frozen) network: inputs in its dtype, answer in the caller's
+            cast = map_condition(lambda c: c.to(dtype) if c.is_floating_point() else c, cond)
+            return self._call(x_t.to(dtype), t, cast).to(x_t.dtype)
+        return self._call(x_t, t, cond)
+
+    def _call(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         if isinstance(cond, dict):
             return self.unet(x_t, t, **cond).sample
         return self.unet(x_t, t, class_labels=cond).sample

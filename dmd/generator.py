@@ -73,13 +73,22 @@ GENERATOR_FILE = "generator.json"
 
 
 def save_generator(generator: Generator, teacher, folder: str | Path) -> Path:
-    """Write a distilled generator as a diffusers folder (``unet/``, ``scheduler/``) plus
-    ``generator.json`` (its timesteps and what samples look like)."""
+    """Write a distilled generator as a diffusers folder (``unet/``, ``scheduler/``; a text-to-image
+    teacher's other pipeline parts too, so the folder loads as a pipeline) plus ``generator.json``
+    (its timesteps and what samples look like). A LoRA generator is saved fused, and its
+    adapters beside it in diffusers' LoRA format (:mod:`dmd.t2i.lora`)."""
+    from dmd.t2i.lora import fused_copy, has_lora, save_lora
+
     folder = Path(folder)
-    generator.denoiser.unet.save_pretrained(folder / "unet")
+    unet = generator.denoiser.unet
+    if has_lora(unet):
+        save_lora(unet, folder, teacher.pipeline_class)
+        unet = fused_copy(unet)
+    unet.save_pretrained(folder / "unet")
     teacher.scheduler.save_pretrained(folder / "scheduler")
+    teacher.save_components(folder)
     meta = {"timesteps": generator.timesteps, "num_classes": teacher.num_classes,
-            "sample_shape": list(teacher.sample_shape)}
+            "sample_shape": list(teacher.sample_shape), "text_to_image": teacher.pipeline_class is not None}
     (folder / GENERATOR_FILE).write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -101,5 +110,10 @@ def load_generator(path: str | Path):
             f"{path} is not a distilled generator: expected {meta_path} (written at the end of "
             "`python -m dmd.train`; a run that has not finished has only checkpoints/).")
     meta = json.loads(meta_path.read_text())
-    info = load_teacher(str(folder))
+    if meta.get("text_to_image"):
+        from dmd.t2i.teacher import load_text_to_image_teacher
+
+        info = load_text_to_image_teacher(str(folder))
+    else:
+        info = load_teacher(str(folder))
     return Generator(info.denoiser, meta["timesteps"]), info

@@ -92,11 +92,17 @@ class DMDModule(pl.LightningModule):
             regression_distance.requires_grad_(False)
         self.backward_simulation, self.seed = backward_simulation, seed
         self.max_iterations = max_iterations
-        self.ema = EMAModel(generator.parameters(), decay=ema_decay) if ema_decay else None
+        # Only trained weights (all of them, or the LoRA adapters) are optimised and averaged.
+        self.ema = EMAModel(trainable(generator), decay=ema_decay) if ema_decay else None
         self.rng = torch.Generator().manual_seed(seed)
         self.iteration = self.generator_steps = self.fake_steps = 0
 
     def on_fit_start(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.use_gan and not getattr(datamodule, "has_real_images", True):
+            raise ValueError("The GAN loss needs real images, and the data has none: set data.images "
+                             "(a folder) or pair images in a .jsonl prompt file, or set "
+                             "algorithm.gan.generator_weight=0 algorithm.gan.discriminator_weight=0.")
         if self.ema is not None:  # EMAModel keeps its own copies: follow the module's device
             self.ema.to(self.device)
 
@@ -110,7 +116,7 @@ class DMDModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         real, labels = batch
-        cond = labels if self.teacher.num_classes else None
+        cond = self.teacher.condition(labels)  # class labels, text embeddings or None
         opt_g, opt_f = self.optimizers()
         sched_g, sched_f = self.lr_schedulers()
         logs = {}
@@ -149,9 +155,9 @@ class DMDModule(pl.LightningModule):
             loss = loss + self.regression_weight * loss_reg
             logs["loss/regression"] = loss_reg.detach()
         self._check_finite(loss, "generator")
-        logs["grad_norm/generator"] = self._step(opt_g, sched_g, loss, self.generator.parameters())
+        logs["grad_norm/generator"] = self._step(opt_g, sched_g, loss, trainable(self.generator))
         if self.ema is not None:
-            self.ema.step(self.generator.parameters())
+            self.ema.step(trainable(self.generator))
         self.generator_steps += 1
         return x.detach(), logs
 
@@ -172,7 +178,7 @@ class DMDModule(pl.LightningModule):
             loss = loss + self.gan_discriminator_weight * loss_d
             logs["loss/gan_discriminator"] = loss_d.detach()
         self._check_finite(loss, "fake score")
-        params = list(self.fake_score.parameters()) + list(self._head_parameters())
+        params = trainable(self.fake_score) + list(self._head_parameters())
         logs["grad_norm/fake"] = self._step(opt_f, sched_f, loss, params)
         self.fake_steps += 1
         return logs
@@ -227,9 +233,9 @@ class DMDModule(pl.LightningModule):
         def adamw(params, lr):
             return torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
 
-        opt_g = adamw(self.generator.parameters(), self.lr_generator)
+        opt_g = adamw(trainable(self.generator), self.lr_generator)
         # The discriminator step trains the head and the fake network's encoder with this optimizer.
-        opt_f = adamw(list(self.fake_score.parameters()) + list(self._head_parameters()), self.lr_fake)
+        opt_f = adamw(trainable(self.fake_score) + list(self._head_parameters()), self.lr_fake)
         return [opt_g, opt_f], [_warmup(opt_g, self.warmup_steps), _warmup(opt_f, self.warmup_steps)]
 
     def on_save_checkpoint(self, checkpoint):
@@ -267,8 +273,13 @@ class DMDModule(pl.LightningModule):
         """A copy of the generator with the EMA weights if EMA is on (the model to release)."""
         released = copy.deepcopy(self.generator)
         if self.ema is not None:
-            self.ema.copy_to(released.parameters())
+            self.ema.copy_to(trainable(released))
         return released.eval()
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train (all of a fully fine-tuned network; the adapters of a LoRA one)."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def copy_denoiser(denoiser: nn.Module) -> nn.Module:

@@ -8,7 +8,8 @@ Contract (other tools rely on it)::
     python -m dmd.sample ckpt=<train run dir | generator folder> num_samples=N out=FILE.npz
 
 Writes ``arr_0`` (uint8 N x H x W x C images, or float32 N x 2 points for 2-D data) and
-``arr_1`` (int64 labels; -1 for unconditional models), plus ``FILE.png``, a sample grid.
+``arr_1`` (int64 labels; -1 for unconditional and text-conditioned models), plus ``FILE.png``, a
+sample grid. Latent (text-to-image) samples are decoded to images first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from dmd.conditioning import condition_to, select_condition
 from dmd.data.fmnist import to_uint8
 from dmd.generator import Generator, load_generator
 from dmd.runs import require, run_dir, save_resolved_config
@@ -52,7 +54,7 @@ def draw_samples(teacher: Teacher, sample_fn, noise: torch.Tensor, labels: torch
     out = []
     for start in tqdm(range(0, num_samples, batch_size), desc=desc, disable=not progress):
         sl = slice(start, start + batch_size)
-        cond = None if labels is None else labels[sl].to(device)
+        cond = condition_to(select_condition(labels, sl), device)
         uncond = teacher.null_condition(noise[sl].shape[0], device)
         with torch.no_grad():
             out.append(sample_fn(noise[sl].to(device), cond, uncond).cpu())
@@ -115,7 +117,8 @@ def write_npz(samples: torch.Tensor, labels: torch.Tensor | None, path: str | Pa
     else:
         arr0 = samples.float().numpy()
     n = samples.shape[0]
-    arr1 = (labels if labels is not None else torch.full((n,), -1)).long().numpy()
+    # Class labels, or -1 (unconditional, or text-conditioned: the prompts are not labels).
+    arr1 = (labels if isinstance(labels, torch.Tensor) else torch.full((n,), -1)).long().numpy()
     np.savez(path, arr_0=arr0, arr_1=arr1)
     return path
 
@@ -130,8 +133,8 @@ def run(cfg: DictConfig) -> Path:
     out_dir = run_dir()
     save_resolved_config(cfg, out_dir)
     if cfg.ckpt:  # a distilled generator: its own step schedule, no sampler settings
-        generator, info = load_generator(cfg.ckpt)
-        samples, labels = sample_generator(generator, info, cfg.num_samples, cfg.seed, cfg.batch_size)
+        generator, generator_info = load_generator(cfg.ckpt)
+        samples, labels = sample_generator(generator, generator_info, cfg.num_samples, cfg.seed, cfg.batch_size)
         what = f"generator {cfg.ckpt} ({generator.num_steps} step(s), NFE {generator.num_steps})"
     else:
         teacher: Teacher = instantiate(cfg.teacher)
@@ -139,6 +142,7 @@ def run(cfg: DictConfig) -> Path:
                                          s.guidance_scale, cfg.seed, cfg.batch_size)
         what = (f"teacher ({s.name}, {s.steps} steps, CFG {s.guidance_scale:.2f}, "
                 f"NFE {nfe(s.name, s.steps, s.guidance_scale)})")
+    samples = (generator_info if cfg.ckpt else teacher).to_images(samples)  # latents -> images
     out = Path(cfg.out)
     if not out.is_absolute():  # relative to where the user ran the command, not the run dir
         out = Path(hydra.utils.get_original_cwd()) / out

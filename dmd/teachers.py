@@ -27,6 +27,19 @@ class Teacher:
     num_classes: int = 0
     scheduler: object = None
 
+    def condition(self, batch_condition):
+        """What the denoiser takes as ``cond`` for a training batch's second element."""
+        return batch_condition if self.num_classes else None
+
+    pipeline_class = None  # the diffusers pipeline a text-to-image teacher's folder loads as
+
+    def save_components(self, folder) -> None:
+        """Write what a generator folder needs besides ``unet/`` and ``scheduler/`` (nothing here)."""
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1] (latent teachers decode them; here they already are)."""
+        return samples
+
     def null_condition(self, n: int, device=None):
         """The unconditional input used by CFG, or None for unconditional models."""
         if not self.num_classes:

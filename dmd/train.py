@@ -43,6 +43,7 @@ from dmd.runs import (
     save_resolved_config,
 )
 from dmd.sample import sample_generator
+from dmd.t2i.lora import add_lora
 from dmd.teachers import Teacher, load_teacher
 from dmd.visualize import save_sample_grid
 
@@ -85,8 +86,17 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
             f"algorithm.regression.batch_size must be >= 1, got {a.regression.batch_size}.")
     generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps)
     fake_score = copy_denoiser(init.denoiser)
+    lora = a.get("lora") or {}
+    for net, rank in ((generator.denoiser, lora.get("generator_rank", 0)), (fake_score, lora.get("fake_score_rank", 0))):
+        if rank:
+            require(hasattr(net.unet, "add_adapter"), f"LoRA needs a diffusers UNet; this teacher's "
+                    f"network is a {type(net.unet).__name__}: set algorithm.lora ranks to 0.")
+            add_lora(net.unet, rank, lora.get("alpha"))
     reg = a.regression
     pairs = distance = None
+    require(reg.weight <= 0 or teacher.pipeline_class is None,
+            "DMD's regression loss is not supported for text-to-image teachers (DMD2 drops it): "
+            "set algorithm.regression.weight=0.")
     if reg.weight > 0:
         pairs = pairs_for_config(cfg, teacher)
         distance = build_distance(reg.distance, reg.get("feature_network"))
@@ -128,7 +138,7 @@ def train(cfg: DictConfig) -> Path:
     init = student_init(teacher, cfg.init)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, teacher, init)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.callbacks else []
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.callbacks else []
     trainer = build_trainer(cfg, out_dir, callbacks)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -136,7 +146,7 @@ def train(cfg: DictConfig) -> Path:
     folder = save_generator(module.release_generator(), init, out_dir / "generator")
     generator, info = load_generator(folder)  # round trip: what `dmd.sample ckpt=` will load
     samples, _ = sample_generator(generator, info, cfg.eval.grid_size, seed=cfg.eval.seed, progress=False)
-    save_sample_grid(samples, out_dir / "samples.png")
+    save_sample_grid(info.to_images(samples), out_dir / "samples.png")
     metrics = final_metrics(callbacks)
     results = {
         "status": "completed", "experiment": cfg.get("experiment_name"),

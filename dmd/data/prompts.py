@@ -1,0 +1,166 @@
+"""Prompts (and, for DMD2's GAN loss, real images) for text-to-image distillation.
+
+Batches are (real latents, condition): the condition is the prompt's text embedding dict
+(:mod:`dmd.t2i.text`), computed once for the whole prompt file and cached; real images from
+``images`` (a folder) are VAE-encoded once and cached as latents. Prompt files:
+
+- ``.txt``: one prompt per line (blank lines skipped);
+- ``.jsonl``: one JSON object per line with ``prompt`` (or ``caption`` / ``text``) and
+  optionally ``image`` (a path relative to the file): such rows pair a real image with its
+  caption, so the discriminator sees real images under their own captions;
+- ``.json``: COCO captions (``{"annotations": [{"caption": ...}]}``) or a list of strings.
+
+Without paired images, real image i is shown with prompt i (cycling the shorter list).
+Without any images the GAN loss cannot be used (the module refuses it before training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Dataset
+
+from dmd.conditioning import select_condition
+from dmd.data.loaders import resumable_loader
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_prompts(path: str | Path) -> tuple[list[str], list[Path | None]]:
+    """Prompts of a .txt / .jsonl / .json file and the image paired with each (or None)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Prompt file {path} does not exist (data.prompts=<.txt|.jsonl|.json file>).")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    images: list[Path | None] = []
+    if suffix == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    elif suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(str(next(row[k] for k in ("prompt", "caption", "text") if k in row)))
+            except (json.JSONDecodeError, StopIteration, TypeError) as err:
+                raise ValueError(f"{path}, line {n}: expected a JSON object with a 'prompt' (or "
+                                 f"'caption' / 'text') field, got {line[:80]!r}.") from err
+            images.append(path.parent / row["image"] if row.get("image") else None)
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}).") from err
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            prompts = [str(a["caption"]).strip() for a in data["annotations"] if "caption" in a]
+        elif isinstance(data, list) and all(isinstance(p, str) for p in data):
+            prompts = [p.strip() for p in data if p.strip()]
+        else:
+            raise ValueError(f"{path}: expected COCO captions ({{'annotations': [{{'caption': ...}}]}}) "
+                             "or a JSON list of prompt strings.")
+    else:
+        raise ValueError(f"Prompt file {path} must end in .txt, .jsonl or .json.")
+    if not prompts:
+        raise ValueError(f"Prompt file {path} holds no prompts: add one prompt per line (.txt), "
+                         "one {\"prompt\": ...} object per line (.jsonl) or COCO captions (.json).")
+    return prompts, images or [None] * len(prompts)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {folder} does not exist (data.images=<folder> or null).")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"Image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    return files
+
+
+def load_images(files: list[Path], size: int) -> torch.Tensor:
+    """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], (N, 3, size, size)."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+    return torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+
+
+class _PromptLatents(Dataset):
+    def __init__(self, cond: dict, latents: torch.Tensor, index: list[int]):
+        self.cond, self.latents, self.index = cond, latents, index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.latents[self.index[i]], select_condition(self.cond, i)
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """(real latents, text condition) batches for a latent text-to-image teacher at ``pipeline``."""
+
+    def __init__(self, prompts: str, pipeline: str, images: str | None = None, image_size: int | None = None,
+                 batch_size: int = 4, num_workers: int = 0, seed: int = 0, cache_dir: str = ".cache"):
+        super().__init__()
+        self.prompts_path, self.pipeline, self.images = prompts, pipeline, images
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.seed, self.cache_dir = seed, Path(cache_dir)
+        self.prompts, self.paired = read_prompts(prompts)  # bad files fail at instantiation
+        self.has_real_images = images is not None or all(p is not None for p in self.paired)
+        self.train_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from diffusers import AutoencoderKL
+
+        from dmd.t2i.text import PromptEncoder, cached_conditions
+
+        vae = AutoencoderKL.from_pretrained(self.pipeline, subfolder="vae").eval()
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = self.image_size or vae.config.sample_size
+        encoder = PromptEncoder.from_pretrained(self.pipeline, image_size=size)
+        cond = cached_conditions(encoder, self.prompts, self.cache_dir)
+        del encoder  # the embeddings are all training needs of the text encoders
+        if self.has_real_images:
+            files = ([p for p in self.paired] if all(p is not None for p in self.paired)
+                     else image_files(self.images))
+            latents = self._latents(vae, files, size)
+            index = [i % len(files) for i in range(len(self.prompts))]
+        else:  # placeholders of the latent shape: never shown to a discriminator
+            latents = torch.zeros(1, vae.config.latent_channels, size // factor, size // factor)
+            index = [0] * len(self.prompts)
+        self.train_set = _PromptLatents(cond, latents, index)
+
+    def _latents(self, vae, files: list[Path], size: int) -> torch.Tensor:
+        """VAE latents (posterior mean x scaling factor) of the images, cached."""
+        from safetensors.torch import load_file
+
+        from dmd.files import save_safetensors
+        from dmd.teachers import weights_digest
+
+        h = hashlib.sha256(f"{weights_digest(vae)}{size}".encode())
+        for f in files:
+            h.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        path = self.cache_dir / "latents" / f"{h.hexdigest()[:16]}.safetensors"
+        if path.is_file():
+            return load_file(path)["latents"]
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in
+                                 load_images(files, size).split(16)]) * vae.config.scaling_factor
+        save_safetensors({"latents": latents.contiguous()}, path)
+        log.info("Real images: %d encoded to latents and cached at %s", len(files), path)
+        return latents
+
+    def train_dataloader(self):
+        return resumable_loader(self.train_set, self.batch_size, self.seed, num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0)

@@ -1,0 +1,100 @@
+"""Tiny random Stable-Diffusion-like pipelines, built from configs and written with
+``save_pretrained`` so that every load goes through the real diffusers/transformers loaders.
+
+``kind="sd15"``: UNet2DConditionModel (cross-attention on one CLIP text encoder), AutoencoderKL,
+DDPM scheduler (eps prediction). ``kind="sdxl"``: two text encoders (the second with a
+projection, whose pooled output and the size/crop time ids form SDXL's added conditioning).
+The tokenizer is CLIP's BPE over a character vocabulary written here (no download).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+KINDS = ("sd15", "sdxl")
+TEXT_DIM = 32
+IMAGE_SIZE = 32  # pixels; the VAE halves it (two blocks) -> 16x16 latents
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols byte-level BPE uses for the bytes 0..255 (GPT-2's mapping:
+    printable Latin-1 bytes stand for themselves, the others are shifted past 255)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def write_tokenizer(folder: Path, max_length: int = 16) -> None:
+    """A CLIPTokenizer whose vocabulary is the byte-level characters (and their word-final
+    forms) plus CLIP's start/end tokens; no merges, so every word is spelled out."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_symbols()
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars]
+                                            + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tok.save_pretrained(folder)
+
+
+def _text_encoder(tokenizer_dir: Path, projection: bool):
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, projection_dim=TEXT_DIM,
+                            max_position_embeddings=tok.model_max_length, hidden_act="gelu",
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def make_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0) -> Path:
+    """Write a tiny random pipeline folder (unet, vae, scheduler, tokenizer(s), text encoder(s),
+    model_index.json last) that ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` load."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; choose one of {KINDS}.")
+    folder = Path(folder)
+    with torch.random.fork_rng():  # seeded weights without touching the caller's random stream
+        torch.manual_seed(seed)
+        _write_components(folder, kind == "sdxl")
+    return folder
+
+
+def _write_components(folder: Path, xl: bool) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from dmd.t2i.teacher import pipeline_index
+
+    encoders = ["text_encoder", "text_encoder_2"] if xl else ["text_encoder"]
+    for i, name in enumerate(encoders):
+        tok_dir = folder / name.replace("text_encoder", "tokenizer")
+        write_tokenizer(tok_dir)
+        _text_encoder(tok_dir, projection=i == 1).save_pretrained(folder / name)
+    unet_kwargs = dict(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM * len(encoders), attention_head_dim=8)
+    if xl:  # SDXL's added conditioning: pooled text embedding + 6 time ids, each embedded in 8
+        unet_kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                           projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8)
+    UNet2DConditionModel(**unet_kwargs).save_pretrained(folder / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=8, sample_size=IMAGE_SIZE).save_pretrained(folder / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type="epsilon", clip_sample=False,
+                  steps_offset=1).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(pipeline_index(xl), indent=2))

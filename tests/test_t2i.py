@@ -1,0 +1,106 @@
+"""Text-to-image distillation on tiny random SD1.5-like and SDXL-like pipelines: built from
+configs, saved and loaded with save_pretrained/from_pretrained, trained a few DMD2 steps (with and
+without LoRA), released as pipeline folders, and their LoRA weights read back by diffusers."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT
+
+from dmd.data.prompts import read_prompts
+from dmd.t2i.teacher import tiny_text_to_image_teacher
+
+TINY_DATA = ROOT / "experiments" / "data" / "t2i_tiny" / "prompts.jsonl"
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Both tiny pipelines, written once for the module."""
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: tiny_text_to_image_teacher(str(root / kind), kind) for kind in ("sd15", "sdxl")}
+
+
+def test_null_conditions_follow_each_pipeline(pipelines):
+    sd15, sdxl = pipelines["sd15"], pipelines["sdxl"]
+    # SD1.5: CFG's null condition is the empty prompt's embedding.
+    empty = sd15.prompt_encoder([""])["encoder_hidden_states"]
+    assert torch.equal(sd15.null_condition(3)["encoder_hidden_states"], empty.expand(3, -1, -1))
+    assert empty.abs().sum() > 0
+    # SDXL: zeros for the text embeddings, the same size/crop time ids as real prompts.
+    null, cond = sdxl.null_condition(2), sdxl.labels(2)
+    assert not null["encoder_hidden_states"].any() and not null["added_cond_kwargs"]["text_embeds"].any()
+    assert torch.equal(null["added_cond_kwargs"]["time_ids"], cond["added_cond_kwargs"]["time_ids"])
+    assert cond["encoder_hidden_states"].shape[-1] == sdxl.denoiser.unet.config.cross_attention_dim
+    assert sd15.sample_shape == sdxl.sample_shape == (4, 16, 16)
+
+
+def test_a_bf16_teacher_answers_in_the_callers_precision(tmp_path, pipelines):
+    from dmd.t2i.teacher import load_text_to_image_teacher
+
+    teacher = load_text_to_image_teacher(pipelines["sd15"].path, dtype="bfloat16")
+    assert teacher.denoiser.unet.dtype == torch.bfloat16
+    x = torch.randn(2, *teacher.sample_shape)
+    x0 = teacher.denoiser(x, torch.tensor([500, 700]), teacher.labels(2))
+    full = pipelines["sd15"].denoiser(x, torch.tensor([500, 700]), pipelines["sd15"].labels(2))
+    assert x0.dtype == torch.float32 and torch.allclose(x0, full, atol=0.1, rtol=0.1)
+    assert teacher.to_images(x0).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("kind,lora", [("sd15", 0), ("sd15", 4), ("sdxl", 0), ("sdxl", 4)])
+def test_t2i_tiny_trains_and_releases_a_pipeline(cli, tmp_path, kind, lora):
+    run = tmp_path / "run"
+    # A large step (lr 1e-3, no warmup) so that two generator updates visibly move the adapters.
+    cli("dmd.train", "experiment=t2i_tiny", f"teacher.kind={kind}", "max_iterations=6",
+        f"algorithm.lora.generator_rank={lora}", "optim.lr_generator=1e-3", "optim.warmup_steps=0", f"paths.cache_dir={tmp_path}/cache",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    assert (results["iterations"], results["generator_steps"]) == (6, 2) and results["status"] == "completed"
+    losses = (run / "csv").glob("version_*/metrics.csv")
+    assert (run / "samples.png").is_file() and list(losses)
+
+    import diffusers
+
+    pipeline_class = getattr(diffusers, "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline")
+    teacher_dir = tmp_path / "cache" / "tiny_pipelines" / kind
+
+    def image(pipe):
+        return pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    # The released generator folder is a pipeline diffusers loads as it is.
+    assert image(pipeline_class.from_pretrained(run / "generator")).shape == (1, 3, 32, 32)
+    if lora:  # its adapters load into the teacher's pipeline, and they change its output
+        pipe = pipeline_class.from_pretrained(teacher_dir)
+        before = image(pipe)
+        pipe.load_lora_weights(run / "generator")
+        assert (image(pipe) - before).abs().max() > 1e-3
+        assert not (run / "generator" / "unet" / "adapter_config.json").exists()  # unet/ is fused
+    else:
+        assert not (run / "generator" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_the_gan_loss_without_real_images_is_refused(cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n\na blue circle\n" * 4)
+    proc = cli("dmd.train", "experiment=t2i_tiny", f"data.prompts={prompts}", "max_iterations=2",
+               f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0 and "The GAN loss needs real images" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_prompt_files_are_read_and_bad_ones_refused(tmp_path):
+    prompts, images = read_prompts(TINY_DATA)
+    assert len(prompts) == 16 and all(p.is_file() for p in images)
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog \n")
+    assert read_prompts(tmp_path / "p.txt") == (["a cat", "a dog"], [None, None])
+    (tmp_path / "coco.json").write_text(json.dumps({"annotations": [{"caption": "a cat "}, {"caption": "a dog"}]}))
+    assert read_prompts(tmp_path / "coco.json")[0] == ["a cat", "a dog"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text" "broken"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="data.prompts"):
+        read_prompts(tmp_path / "missing.txt")
