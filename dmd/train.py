@@ -92,6 +92,11 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
             require(hasattr(net.unet, "add_adapter"), f"LoRA needs a diffusers UNet; this teacher's "
                     f"network is a {type(net.unet).__name__}: set algorithm.lora ranks to 0.")
             add_lora(net.unet, rank, lora.get("alpha"))
+    if cfg.get("gradient_checkpointing"):
+        for net in (generator.denoiser.unet, fake_score.unet):
+            require(hasattr(net, "enable_gradient_checkpointing"), "gradient_checkpointing needs a "
+                    f"diffusers UNet; this teacher's network is a {type(net).__name__}.")
+            net.enable_gradient_checkpointing()
     reg = a.regression
     pairs = distance = None
     require(reg.weight <= 0 or teacher.pipeline_class is None,

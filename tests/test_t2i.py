@@ -104,3 +104,36 @@ def test_prompt_files_are_read_and_bad_ones_refused(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="data.prompts"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train_the_tiny_pipeline(cli, tmp_path):
+    run = tmp_path / "run"
+    cli("dmd.train", "experiment=t2i_tiny", "max_iterations=2", "trainer.precision=bf16-mixed",
+        "gradient_checkpointing=true", "teacher.dtype=bfloat16", f"paths.cache_dir={tmp_path}/cache",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    config = json.loads((run / "results.json").read_text())["config"]
+    assert config["trainer"]["precision"] == "bf16-mixed" and config["gradient_checkpointing"]
+    # fp32 master weights: the released generator is saved in float32.
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "generator" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("sd15_dmd2", {"ttur_ratio": 10, "guidance_scale": 1.75, "generator_timesteps": [999], "gan": 1e-3}),
+    ("sdxl_dmd2_4step", {"ttur_ratio": 5, "guidance_scale": 8.0,
+                         "generator_timesteps": [999, 749, 499, 249], "gan": 5e-3}),
+])
+def test_paper_presets_compose_with_dmd2s_hyperparameters(preset, expected):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}", "data.prompts=captions.txt"])
+    a = cfg.algorithm
+    assert (a.ttur_ratio, a.guidance_scale, list(a.generator_timesteps), a.gan.generator_weight) == (
+        expected["ttur_ratio"], expected["guidance_scale"], expected["generator_timesteps"], expected["gan"])
+    assert a.regression.weight == 0 and a.gan.discriminator_weight == 1e-2
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.teacher.dtype == "bfloat16"
+    assert cfg.gradient_checkpointing and cfg.data.pipeline == cfg.teacher.path
+    assert cfg.optim.lr_generator == cfg.optim.lr_fake == 5e-7
