@@ -77,7 +77,8 @@ def network_forward_fn(model: Model):
 def evaluate_model(model: Model, evaluator, num_samples: int, seed: int = 0,
                    batch_size: int = 500, latency_batch_sizes=(1, 256), repeats: int = 10,
                    warmup: int = 3, device=None, progress: bool = True):
-    """(results dict, samples) for one model: metrics, NFE and latency."""
+    """(results dict, samples as images) for one model: metrics, NFE and latency (of the model's
+    samples; a latent model's VAE decode is not timed)."""
     device = torch.device(device or default_device())
     model.network.to(device)
     noise = torch.randn(num_samples, *model.info.sample_shape,
@@ -86,7 +87,10 @@ def evaluate_model(model: Model, evaluator, num_samples: int, seed: int = 0,
     samples, labels = draw_samples(model.info, model.fn, noise, None, batch_size, device,
                                    model.name, progress)
     sampling_seconds = time.perf_counter() - started
-    metrics = evaluator(samples, labels)
+    info = model.info
+    samples = info.to_images(samples)  # latent (text-to-image) models: decoded, as metrics need
+    labels = labels if isinstance(labels, torch.Tensor) else None  # text conditions are no labels
+    metrics = evaluator(samples, labels, info.prompt_list(num_samples))
     latency, forward = {}, {}
     for b in latency_batch_sizes:
         latency[str(b)] = latency_ms_per_image(model.fn, model.info, b, device, repeats, warmup)

@@ -33,6 +33,15 @@ class Teacher:
 
     pipeline_class = None  # the diffusers pipeline a text-to-image teacher's folder loads as
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one sample as an image (:meth:`to_images`)."""
+        return tuple(self.sample_shape)
+
+    def prompt_list(self, n: int) -> list[str] | None:
+        """The prompts of ``labels(n)`` (text-to-image teachers; None here)."""
+        return None
+
     def save_components(self, folder) -> None:
         """Write what a generator folder needs besides ``unet/`` and ``scheduler/`` (nothing here)."""
 

@@ -3,6 +3,7 @@ configs, saved and loaded with save_pretrained/from_pretrained, trained a few DM
 without LoRA), released as pipeline folders, and their LoRA weights read back by diffusers."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -56,6 +57,14 @@ def test_t2i_tiny_trains_and_releases_a_pipeline(cli, tmp_path, kind, lora):
         "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
     results = json.loads((run / "results.json").read_text())
     assert (results["iterations"], results["generator_steps"]) == (6, 2) and results["status"] == "completed"
+    # The evaluation callback scored decoded images: FID/KID in (tiny) CLIP space vs the real
+    # images and the teacher's samples for the same prompts, and the CLIP score vs the prompts.
+    assert [e["generator_step"] for e in results["evaluations"]] == [1, 2]
+    metrics = results["metrics"]
+    assert {"fid_clip_vs_data", "fid_clip_vs_teacher", "kid_clip_vs_data", "clip_score"} <= set(metrics)
+    assert all(math.isfinite(metrics[k]) for k in metrics) and metrics["num_samples"] == 16
+    assert metrics["fid_clip_vs_teacher"] < metrics["fid_clip_vs_data"]  # random nets: the student is its teacher
+    assert (run / "samples" / "step_000002.png").is_file()
     losses = (run / "csv").glob("version_*/metrics.csv")
     assert (run / "samples.png").is_file() and list(losses)
 

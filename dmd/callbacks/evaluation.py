@@ -21,6 +21,7 @@ import numbers
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from dmd.files import atomic_path
 from dmd.sample import sample_generator
@@ -65,7 +66,7 @@ class EvaluationCallback(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         if getattr(self.evaluator, "teacher", None) is None:
             self.evaluator.teacher = pl_module.teacher
-        self.evaluator.check_sample_shape(pl_module.teacher.sample_shape)  # fail now, not at step N
+        self.evaluator.check_sample_shape(pl_module.teacher.image_shape)  # fail now, not at step N
         if trainer.global_rank == 0:  # e.g. 10k teacher samples: once, while the others wait
             self.evaluator.prepare()
         trainer.strategy.barrier()
@@ -96,9 +97,12 @@ class EvaluationCallback(pl.Callback):
         samples, labels = sample_generator(generator, pl_module.teacher, self.num_samples,
                                            seed=self.seed, batch_size=self.batch_size,
                                            device=pl_module.device, progress=False)
-        metrics = self.evaluator(samples, labels)
+        teacher = pl_module.teacher
+        images = teacher.to_images(samples)  # latent teachers: decoded
+        labels = labels if isinstance(labels, torch.Tensor) else None  # text conditions are no labels
+        metrics = self.evaluator(images, labels, teacher.prompt_list(self.num_samples))
         out_dir = Path(trainer.default_root_dir)
-        grid = save_sample_grid(samples[: self.grid_size], out_dir / "samples" / f"step_{step:06d}.png")
+        grid = save_sample_grid(images[: self.grid_size], out_dir / "samples" / f"step_{step:06d}.png")
         path = self.results_path(trainer)
         results = read_results(path)
         # A resumed run re-evaluates nothing it already has; a rerun of a step replaces it.

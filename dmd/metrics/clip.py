@@ -48,6 +48,43 @@ def clip_loader(name_or_path: str | Path):
     return load
 
 
+class CLIPFeatures:
+    """Image embeddings of a CLIP model as FID/KID features (``fid_clip_*``: FID in CLIP space,
+    as clean-fid's ``clip_vit_b_32`` mode; not Inception FID). The model is any HF CLIP folder or
+    hub id, so it works offline with a local folder. No logits."""
+
+    name = "clip"
+
+    def __init__(self, model: str | Path = "openai/clip-vit-base-patch32", batch_size: int = 64, device=None):
+        from dmd.teachers import weights_digest
+
+        self.model_name = str(model)
+        self.model, self.processor = clip_loader(model)()
+        self.batch_size, self.device = batch_size, device
+        self._sha = weights_digest(self.model.model)
+
+    @property
+    def provenance(self) -> dict:
+        return {"name": self.name, "model": Path(self.model_name).name, "weights_sha256": self._sha,
+                "resize": "clip-processor"}
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, progress: bool = False) -> tuple[Tensor, None]:
+        from tqdm.auto import tqdm
+
+        uint8 = quantize(images)
+        if uint8.shape[1] == 1:
+            uint8 = uint8.expand(-1, 3, -1, -1)
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(device)
+        feats = []
+        for start in tqdm(range(0, uint8.shape[0], self.batch_size), desc="CLIP features", disable=not progress):
+            pixels = self.processor(images=list(uint8[start:start + self.batch_size]),
+                                    return_tensors="pt")["pixel_values"].to(device)
+            feats.append(self.model.get_image_features(pixel_values=pixels).float().cpu())
+        return torch.cat(feats), None
+
+
 class CLIPScorer:
     """Mean CLIP score (100 * cosine, floored at 0) of images against their prompts."""
 

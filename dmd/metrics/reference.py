@@ -61,6 +61,38 @@ class DataReference:
 
 
 @dataclass
+class ImageFolderReference:
+    """Real images of a folder (e.g. the prompts' paired images, or COCO val), resized and
+    centre-cropped to ``size``; all of them, or ``num_samples`` drawn with ``seed``."""
+
+    folder: str = ""
+    size: int = 512
+    num_samples: int | None = None
+    seed: int = 0
+
+    kind = "data"
+
+    def files(self):
+        from dmd.data.prompts import image_files
+
+        files = image_files(self.folder)
+        if self.num_samples is not None and self.num_samples < len(files):
+            idx = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.seed))
+            files = [files[i] for i in idx[: self.num_samples].tolist()]
+        return files
+
+    def provenance(self, teacher=None) -> dict:
+        names = hashlib.sha256("\n".join(f"{f.name}:{f.stat().st_size}" for f in self.files()).encode())
+        return {"kind": self.kind, "folder": Path(self.folder).name, "files_sha256": names.hexdigest(),
+                "size": self.size, "num_samples": self.num_samples, "seed": self.seed}
+
+    def images(self, teacher=None, progress: bool = True):
+        from dmd.data.prompts import load_images
+
+        return load_images(self.files(), self.size), None
+
+
+@dataclass
 class TeacherReference:
     """The teacher's samples for one sampler setting (class-balanced labels, seeded noise)."""
 
@@ -81,21 +113,26 @@ class TeacherReference:
 
         d = teacher.denoiser
         schedule = hashlib.sha256(d.schedule.alphas_cumprod.detach().cpu().double().numpy().tobytes())
-        return {"kind": self.kind, "teacher_weights_sha256": weights_digest(d),
+        prov = {"kind": self.kind, "teacher_weights_sha256": weights_digest(d),
                 "schedule_sha256": schedule.hexdigest(),
                 "prediction_type": getattr(d, "prediction_type", None),
                 "num_classes": teacher.num_classes, "sampler": self.sampler, "steps": self.steps,
                 "guidance_scale": self.guidance_scale, "spacing": self.spacing,
                 "num_samples": self.num_samples, "seed": self.seed}
+        if getattr(teacher, "prompts", None):  # text-to-image: the prompts the samples answer
+            prov["prompts_sha256"] = hashlib.sha256("\n".join(teacher.prompts).encode()).hexdigest()
+        return prov
 
     def images(self, teacher=None, progress: bool = True):
         from dmd.sample import sample_teacher
 
         # Sample where the teacher already is: during training it is the live real score.
         device = next(iter(teacher.denoiser.buffers()), torch.empty(0)).device
-        return sample_teacher(teacher, self.num_samples, self.sampler, self.steps,
-                              self.guidance_scale, seed=self.seed, batch_size=self.batch_size,
-                              device=device, progress=progress, spacing=self.spacing)
+        samples, labels = sample_teacher(teacher, self.num_samples, self.sampler, self.steps,
+                                         self.guidance_scale, seed=self.seed, batch_size=self.batch_size,
+                                         device=device, progress=progress, spacing=self.spacing)
+        # Latent teachers: decoded images; text conditions are not class labels.
+        return teacher.to_images(samples), labels if isinstance(labels, torch.Tensor) else None
 
 
 def reference_key(provenance: dict) -> str:

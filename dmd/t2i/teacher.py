@@ -66,6 +66,11 @@ class TextToImageTeacher(Teacher):
     def prompt_list(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.in_channels, self.sample_shape[1] * factor, self.sample_shape[2] * factor)
+
     @torch.no_grad()
     def to_images(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """Decode latents to images in [-1, 1] (float32, on the latents' device)."""

@@ -98,3 +98,42 @@ def _write_components(folder: Path, xl: bool) -> None:
                   prediction_type="epsilon", clip_sample=False,
                   steps_offset=1).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(pipeline_index(xl), indent=2))
+
+
+def make_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel + CLIPProcessor (32x32 images) written with save_pretrained."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+    )
+
+    folder = Path(folder)
+    write_tokenizer(folder / "tokenizer", max_length=77)
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text = dict(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=TEXT_DIM, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        config = CLIPConfig(text_config=CLIPTextConfig(**text).to_dict(),
+                            vision_config=CLIPVisionConfig(**vision).to_dict(), projection_dim=TEXT_DIM)
+        model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), tokenizer=tok)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_clip(path: str | Path) -> str:
+    """The tiny CLIP folder at ``path`` (written first if missing), for the t2i_tiny evaluation."""
+    if not (Path(path) / "config.json").is_file():
+        make_tiny_clip(path)
+    return str(path)
