@@ -19,6 +19,7 @@ checkpointed: a resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytorch_lightning as pl
 import torch
@@ -35,6 +36,8 @@ from dmd.losses import (
     regression_loss,
 )
 from dmd.teachers import Teacher
+
+RANK_SEED_STRIDE = 1_000_003
 
 
 def _warmup(optimizer, steps: int):
@@ -96,6 +99,14 @@ class DMDModule(pl.LightningModule):
         self.ema = EMAModel(trainable(generator), decay=ema_decay) if ema_decay else None
         self.rng = torch.Generator().manual_seed(seed)
         self.iteration = self.generator_steps = self.fake_steps = 0
+        # (iteration, step) pairs backward simulation trained, hashed: ranks compare it (train.py)
+        self.backward_simulation_trace = hashlib.sha256()
+
+    def setup(self, stage: str) -> None:
+        # Each rank draws its own noise and timesteps (rank 0: the single-process stream), before
+        # a resumed checkpoint restores every rank's own state. The backward-simulation step
+        # stays a function of (iteration, seed): the same on every rank.
+        self.rng.manual_seed(self.seed + RANK_SEED_STRIDE * self.global_rank)
 
     def on_fit_start(self):
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -189,6 +200,7 @@ class DMDModule(pl.LightningModule):
         if self.generator.num_steps == 1 or not self.backward_simulation:
             return self.generator(noise, cond, generator=self.rng)
         k = backward_simulation_step(self.iteration, self.generator.num_steps, self.seed)
+        self.backward_simulation_trace.update(f"{self.iteration}:{k};".encode())
         return self.generator.backward_simulation(noise, cond, k, generator=self.rng)
 
     def discriminate(self, x, cond):
@@ -243,6 +255,9 @@ class DMDModule(pl.LightningModule):
                                       "generator_steps": self.generator_steps,
                                       "fake_steps": self.fake_steps}
         checkpoint["dmd_rng_state"] = self.rng.get_state()
+        # Every rank's stream (collective: all ranks save together, rank 0 writes the file).
+        checkpoint["dmd_rng_states"] = list(self.all_gather(self.rng.get_state().to(self.device)).reshape(
+            self.trainer.world_size, -1).cpu().unbind())
         if self.ema is not None:
             checkpoint["generator_ema"] = self.ema.state_dict()
         # The frozen teacher and the regression distance's network are not trained state.
@@ -260,7 +275,11 @@ class DMDModule(pl.LightningModule):
         counters = checkpoint["dmd_counters"]
         self.iteration = counters["iteration"]
         self.generator_steps, self.fake_steps = counters["generator_steps"], counters["fake_steps"]
-        self.rng.set_state(checkpoint["dmd_rng_state"])
+        states = checkpoint.get("dmd_rng_states") or [checkpoint["dmd_rng_state"]]
+        if len(states) != self.trainer.world_size:
+            raise ValueError(f"This checkpoint was written by {len(states)} process(es), this run has "
+                             f"{self.trainer.world_size}: resume with the same number of devices x nodes.")
+        self.rng.set_state(states[self.global_rank])
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["generator_ema"])
         state = checkpoint["state_dict"]

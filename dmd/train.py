@@ -44,7 +44,7 @@ from dmd.runs import (
 )
 from dmd.sample import sample_generator
 from dmd.t2i.lora import add_lora
-from dmd.teachers import Teacher, load_teacher
+from dmd.teachers import Teacher, load_teacher, weights_digest
 from dmd.visualize import save_sample_grid
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,23 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
         ema_decay=a.ema_decay, max_iterations=cfg.max_iterations, seed=cfg.seed)
 
 
+def rank_states(module: DMDModule) -> list[dict]:
+    """What every rank ended with: a digest of its generator weights, of the backward-simulation
+    steps it trained, and of its random stream (ranks must agree on the first two, not the last)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    mine = {"rank": module.global_rank, "generator_sha256": weights_digest(module.generator),
+            "backward_simulation_sha256": module.backward_simulation_trace.hexdigest(),
+            "rng_state_sha256": hashlib.sha256(module.rng.get_state().numpy().tobytes()).hexdigest()}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def final_metrics(callbacks) -> dict:
     """The last evaluation of the run's EvaluationCallback (empty without one)."""
     evals = [c for c in callbacks if isinstance(c, EvaluationCallback)]
@@ -147,6 +164,12 @@ def train(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, out_dir, callbacks)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    ranks = rank_states(module)  # collective: every rank takes part
+    if not trainer.is_global_zero:  # rank 0 releases the generator and writes the record
+        return out_dir
+    require(all(r["generator_sha256"] == ranks[0]["generator_sha256"] for r in ranks),
+            f"The generator weights differ between ranks after training ({ranks}): gradients were "
+            "not synchronised. Nothing was released; report this with the trainer strategy used.")
 
     folder = save_generator(module.release_generator(), init, out_dir / "generator")
     generator, info = load_generator(folder)  # round trip: what `dmd.sample ckpt=` will load
@@ -159,7 +182,7 @@ def train(cfg: DictConfig) -> Path:
         "overrides": job_overrides(), "provenance": run_provenance(),
         "iterations": module.iteration, "generator_steps": module.generator_steps,
         "fake_steps": module.fake_steps, "nfe": generator.num_steps,
-        "metrics": metrics, "wall_seconds": round(time.time() - started, 1),
+        "metrics": metrics, "wall_seconds": round(time.time() - started, 1), "ranks": ranks,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     update_results(out_dir / "results.json", **results)  # beside the callback's evaluations
