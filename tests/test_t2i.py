@@ -146,3 +146,17 @@ def test_paper_presets_compose_with_dmd2s_hyperparameters(preset, expected):
     assert cfg.trainer.precision == "bf16-mixed" and cfg.teacher.dtype == "bfloat16"
     assert cfg.gradient_checkpointing and cfg.data.pipeline == cfg.teacher.path
     assert cfg.optim.lr_generator == cfg.optim.lr_fake == 5e-7
+
+
+def test_memory_recipe_counts_the_published_unets_exactly():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_recipe", ROOT / "experiments" / "memory_recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    base, lora = recipe.parameter_counts(recipe.UNETS["SD1.5"], lora_rank=4)
+    assert base == 859_520_964  # SD1.5's UNet, as published
+    assert 0 < lora < base / 100
+    full = recipe.static_gib(base, lora, 0, "full", shard=1, ema=False)
+    assert full["generator"] == pytest.approx(16 * base / 1024 ** 3)
+    assert recipe.static_gib(base, lora, 0, "full", shard=8, ema=False)["generator"] == pytest.approx(full["generator"] / 8)

@@ -1,0 +1,116 @@
+"""Per-GPU memory of DMD2 on Stable Diffusion 1.5 / XL: the static part (weights, gradients,
+optimizer states) from exact parameter counts, for full fine-tuning or LoRA, DDP or FSDP.
+
+    python experiments/memory_recipe.py [--gpus 8] [--lora-rank 64] [--out experiments/results/memory_recipe.md]
+
+The UNets and VAE are built on the meta device from the published configs (no weights, no
+download), so the parameter counts are exact. Three networks are resident during training:
+the frozen teacher (real score), the generator and the fake score (+ DMD2's small GAN head);
+text encoders are not (embeddings are cached), the VAE only to decode evaluation samples.
+Bytes per parameter (this implementation):
+
+    frozen teacher        2 (bf16: teacher.dtype=bfloat16) or 4 (float32)
+    trained, full         4 weights + 4 gradients + 8 AdamW moments = 16 (fp32 master weights
+                          under bf16 autocast), + 4 with a generator EMA
+    trained, LoRA         4 per base weight (a frozen float32 copy of the teacher's network)
+                          + 16 per adapter weight
+    FSDP (full shard)     trained states and weights divided over the GPUs (an estimate of what
+                          sharding would give: FSDP is not wired into dmd yet; DDP is)
+    LoRA rows             adapters on both the generator and the fake score
+
+Activations are NOT included: they depend on resolution, batch, gradient checkpointing and
+attention kernels, and need a measurement on a GPU (not available where this was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+UNETS = {
+    "SD1.5": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8),
+    "SDXL": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                 attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+           block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4)
+GIB = 1024 ** 3
+
+
+def parameter_counts(unet_config: dict, lora_rank: int) -> tuple[int, int]:
+    """(UNet parameters, LoRA adapter parameters at ``lora_rank``), counted on the meta device."""
+    from diffusers import UNet2DConditionModel
+
+    from dmd.t2i.lora import add_lora
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        base = sum(p.numel() for p in unet.parameters())
+        add_lora(unet, lora_rank)
+    return base, sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def vae_parameters() -> int:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoencoderKL(**VAE).parameters())
+
+
+def static_gib(base: int, lora: int, vae: int, mode: str, shard: int, ema: bool) -> dict:
+    """GiB per GPU of each resident network for one setting (``shard`` = FSDP world size, 1 = DDP)."""
+    teacher = 2 * base / shard
+    if mode == "full":
+        trained = (16 + 4 * ema) * base / shard
+        fake = 16 * base / shard
+    else:
+        trained = (4 * base + (16 + 4 * ema) * lora) / shard
+        fake = (4 * base + 16 * lora) / shard
+    parts = {"teacher (bf16)": teacher, "generator": trained, "fake score": fake, "VAE (bf16)": 2 * vae}
+    return {k: v / GIB for k, v in parts.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", type=int, default=8, help="FSDP world size of the sharded rows")
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--out", default="experiments/results/memory_recipe.md")
+    args = p.parse_args()
+    vae = vae_parameters()
+    lines = ["| model | training | sharding | teacher | generator | fake score | VAE | total static GiB/GPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    counts = []
+    for name, config in UNETS.items():
+        base, lora = parameter_counts(config, args.lora_rank)
+        counts.append(f"{name} UNet {base / 1e6:.1f} M parameters, LoRA rank {args.lora_rank} "
+                      f"adapters {lora / 1e6:.1f} M")
+        for mode in ("full", f"LoRA r{args.lora_rank}"):
+            for shard, label in ((1, "DDP"), (args.gpus, f"FSDP x{args.gpus}")):
+                g = static_gib(base, lora, vae, "full" if mode == "full" else "lora", shard, ema=False)
+                cells = [f"{v:.1f}" for v in g.values()]
+                lines.append(f"| {name} | {mode} | {label} | " + " | ".join(cells) + f" | {sum(g.values()):.1f} |")
+    text = ("# Static memory per GPU, DMD2 (weights + gradients + AdamW states; activations not included)\n\n"
+            f"Command: `python experiments/memory_recipe.py --gpus {args.gpus} --lora-rank {args.lora_rank}`\n\n"
+            + "\n".join(f"- {c}" for c in counts) + f"\n- VAE {vae / 1e6:.1f} M parameters\n\n"
+            + "\n".join(lines) + "\n\nFull SDXL under DDP needs ~82 GiB before any activation: more than an "
+            "80 GB GPU, which is why DMD2 trains it with FSDP (or LoRA).\n\n" + __doc__.split("\n\n", 2)[2].strip() + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
