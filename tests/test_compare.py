@@ -164,6 +164,11 @@ def test_launchers_compose_and_the_slurm_launcher_instantiates():
         slurm = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
         local = compose("train", overrides=["hydra/launcher=local_parallel"], return_hydra_config=True)
     assert type(instantiate(slurm.hydra.launcher)).__name__ == "SlurmLauncher"
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        multi = compose("train", overrides=["hydra/launcher=slurm_multi_gpu", "hydra.launcher.nodes=4"],
+                        return_hydra_config=True).hydra.launcher
+    assert type(instantiate(multi)).__name__ == "SlurmLauncher"
+    assert (multi.nodes, multi.gpus_per_node, multi.tasks_per_node) == (4, 8, 8)  # one task per GPU
     assert slurm.hydra.launcher.gpus_per_node == 1
     assert local.hydra.launcher._target_.endswith("JoblibLauncher")
 

@@ -160,3 +160,22 @@ def test_memory_recipe_counts_the_published_unets_exactly():
     full = recipe.static_gib(base, lora, 0, "full", shard=1, ema=False)
     assert full["generator"] == pytest.approx(16 * base / 1024 ** 3)
     assert recipe.static_gib(base, lora, 0, "full", shard=8, ema=False)["generator"] == pytest.approx(full["generator"] / 8)
+
+
+def test_pre_encoded_latents_serve_as_real_images(tmp_path, pipelines):
+    from safetensors.torch import save_file
+
+    from dmd.data.prompts import PromptDataModule
+
+    path = pipelines["sd15"].path
+    good = tmp_path / "latents.safetensors"
+    save_file({"latents": torch.randn(3, 4, 16, 16)}, good)
+    data = PromptDataModule(str(TINY_DATA), path, latents=str(good), batch_size=4, cache_dir=str(tmp_path))
+    data.setup()
+    real, cond = next(iter(data.train_dataloader()))
+    assert data.has_real_images and real.shape == (4, 4, 16, 16)
+    assert cond["encoder_hidden_states"].shape[0] == 4
+    bad = tmp_path / "bad.safetensors"
+    save_file({"latents": torch.randn(3, 4, 8, 8)}, bad)
+    with pytest.raises(ValueError, match=r"shape \(4, 8, 8\).*\(4, 16, 16\)"):
+        PromptDataModule(str(TINY_DATA), path, latents=str(bad), cache_dir=str(tmp_path)).setup()

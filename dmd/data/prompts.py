@@ -10,7 +10,10 @@ Batches are (real latents, condition): the condition is the prompt's text embedd
   caption, so the discriminator sees real images under their own captions;
 - ``.json``: COCO captions (``{"annotations": [{"caption": ...}]}``) or a list of strings.
 
-Without paired images, real image i is shown with prompt i (cycling the shorter list).
+Real images can also come pre-encoded: ``latents``, a safetensors file whose ``latents`` tensor
+(N, C, H/f, W/f) holds VAE latents already multiplied by the VAE's scaling factor (the format of
+this module's own latent cache). Without paired images, real image i is shown with prompt i
+(cycling the shorter list).
 Without any images the GAN loss cannot be used (the module refuses it before training).
 """
 
@@ -108,14 +111,17 @@ class _PromptLatents(Dataset):
 class PromptDataModule(pl.LightningDataModule):
     """(real latents, text condition) batches for a latent text-to-image teacher at ``pipeline``."""
 
-    def __init__(self, prompts: str, pipeline: str, images: str | None = None, image_size: int | None = None,
-                 batch_size: int = 4, num_workers: int = 0, seed: int = 0, cache_dir: str = ".cache"):
+    def __init__(self, prompts: str, pipeline: str, images: str | None = None, latents: str | None = None,
+                 image_size: int | None = None, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
+                 cache_dir: str = ".cache"):
         super().__init__()
-        self.prompts_path, self.pipeline, self.images = prompts, pipeline, images
+        if images and latents:
+            raise ValueError("Give data.images (a folder to encode) or data.latents (pre-encoded), not both.")
+        self.prompts_path, self.pipeline, self.images, self.latents = prompts, pipeline, images, latents
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.seed, self.cache_dir = seed, Path(cache_dir)
         self.prompts, self.paired = read_prompts(prompts)  # bad files fail at instantiation
-        self.has_real_images = images is not None or all(p is not None for p in self.paired)
+        self.has_real_images = bool(images or latents) or all(p is not None for p in self.paired)
         self.train_set = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -131,15 +137,34 @@ class PromptDataModule(pl.LightningDataModule):
         encoder = PromptEncoder.from_pretrained(self.pipeline, image_size=size)
         cond = cached_conditions(encoder, self.prompts, self.cache_dir)
         del encoder  # the embeddings are all training needs of the text encoders
-        if self.has_real_images:
+        shape = (vae.config.latent_channels, size // factor, size // factor)
+        if self.latents:
+            latents = self._pre_encoded(shape)
+            index = [i % latents.shape[0] for i in range(len(self.prompts))]
+        elif self.has_real_images:
             files = ([p for p in self.paired] if all(p is not None for p in self.paired)
                      else image_files(self.images))
             latents = self._latents(vae, files, size)
             index = [i % len(files) for i in range(len(self.prompts))]
         else:  # placeholders of the latent shape: never shown to a discriminator
-            latents = torch.zeros(1, vae.config.latent_channels, size // factor, size // factor)
+            latents = torch.zeros(1, *shape)
             index = [0] * len(self.prompts)
         self.train_set = _PromptLatents(cond, latents, index)
+
+    def _pre_encoded(self, shape: tuple) -> torch.Tensor:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(self.latents).expanduser()
+        try:
+            latents = load_file(path)["latents"]
+        except (FileNotFoundError, SafetensorError, KeyError, OSError) as err:
+            raise ValueError(f"data.latents={path}: expected a safetensors file with a 'latents' tensor "
+                             f"(N, {', '.join(map(str, shape))}) ({type(err).__name__}: {err}).") from err
+        if tuple(latents.shape[1:]) != shape:
+            raise ValueError(f"data.latents={path} holds latents of shape {tuple(latents.shape[1:])}; this "
+                             f"pipeline's VAE makes {shape} at this data.image_size.")
+        return latents.float()
 
     def _latents(self, vae, files: list[Path], size: int) -> torch.Tensor:
         """VAE latents (posterior mean x scaling factor) of the images, cached."""
