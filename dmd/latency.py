@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from dmd.conditioning import condition_to
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -21,8 +23,7 @@ def latency_ms_per_image(fn, info, batch_size: int, device, repeats: int = 10,
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch_size, *info.sample_shape, generator=g).to(device)
-    labels = info.labels(batch_size)
-    cond = None if labels is None else labels.to(device)
+    cond = condition_to(info.labels(batch_size), device)
     uncond = info.null_condition(batch_size, device)
     for _ in range(warmup):
         fn(noise, cond, uncond)

@@ -79,6 +79,12 @@ def test_t2i_tiny_trains_and_releases_a_pipeline(cli, tmp_path, kind, lora):
 
     # The released generator folder is a pipeline diffusers loads as it is.
     assert image(pipeline_class.from_pretrained(run / "generator")).shape == (1, 3, 32, 32)
+    if (kind, lora) == ("sd15", 0):  # dmd.evaluate scores the released generator the same way
+        cli("dmd.evaluate", f"ckpt={run}", "teacher=t2i_tiny", "eval=t2i_tiny", "eval.num_samples=16",
+            "latency.batch_sizes=[1]", "latency.repeats=2", f"paths.cache_dir={tmp_path}/cache",
+            f"hydra.run.dir={tmp_path}/evaluate")
+        scored = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+        assert scored["nfe"] == 1 and scored["metrics"]["clip_score"] == pytest.approx(metrics["clip_score"], rel=1e-4)
     if lora:  # its adapters load into the teacher's pipeline, and they change its output
         pipe = pipeline_class.from_pretrained(teacher_dir)
         before = image(pipe)
