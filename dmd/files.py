@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +14,7 @@ def atomic_path(path: str | Path):
     """Yields a temporary path beside ``path``; renamed onto ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")  # unique on shared filesystems
     try:
         yield tmp
         os.replace(tmp, path)

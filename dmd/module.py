@@ -127,6 +127,10 @@ class DMDModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         real, labels = batch
+        if tuple(real.shape[1:]) != tuple(self.teacher.sample_shape):
+            raise ValueError(f"The data's samples have shape {tuple(real.shape[1:])}, the teacher's "
+                             f"{tuple(self.teacher.sample_shape)}: match the data's resolution "
+                             "(e.g. data.image_size) to the teacher's.")
         cond = self.teacher.condition(labels)  # class labels, text embeddings or None
         opt_g, opt_f = self.optimizers()
         sched_g, sched_f = self.lr_schedulers()
@@ -223,9 +227,10 @@ class DMDModule(pl.LightningModule):
         return self.gan_head.parameters() if self.gan_head is not None else []
 
     def _check_finite(self, loss, which: str):
-        if not torch.isfinite(loss):
+        # Every rank learns of a non-finite loss on any rank (no rank left waiting in an all-reduce).
+        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
             raise FloatingPointError(
-                f"Non-finite {which} loss ({loss.item()}) at iteration {self.iteration}. Training "
+                f"Non-finite {which} loss (this rank: {loss.item()}) at iteration {self.iteration}. Training "
                 "stopped before this update; <run dir>/checkpoints/last.ckpt (the last periodic "
                 "save) is a good state to resume from. Lower optim.lr_generator / optim.lr_fake or "
                 "raise optim.warmup_steps.")

@@ -67,7 +67,10 @@ def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its raw bytes
+            t = t.reshape(-1).view(torch.uint8)
+        h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 

@@ -14,6 +14,8 @@ Bytes per parameter (this implementation):
                           under bf16 autocast), + 4 with a generator EMA
     trained, LoRA         4 per base weight (a frozen float32 copy of the teacher's network)
                           + 16 per adapter weight
+    DDP                   + 4 per trained parameter: DDP's gradient buckets (a second copy of the
+                          gradients unless gradient_as_bucket_view)
     FSDP (full shard)     trained states and weights divided over the GPUs (an estimate of what
                           sharding would give: FSDP is not wired into dmd yet; DDP is)
     LoRA rows             adapters on both the generator and the fake score
@@ -73,13 +75,14 @@ def vae_parameters() -> int:
 def static_gib(base: int, lora: int, vae: int, mode: str, shard: int, ema: bool) -> dict:
     """GiB per GPU of each resident network for one setting (``shard`` = FSDP world size, 1 = DDP)."""
     teacher = 2 * base / shard
+    buckets = 4 if shard == 1 else 0  # DDP's gradient buckets
     if mode == "full":
-        trained = (16 + 4 * ema) * base / shard
-        fake = 16 * base / shard
+        trained = (16 + 4 * ema + buckets) * base / shard
+        fake = (16 + buckets) * base / shard
     else:
-        trained = (4 * base + (16 + 4 * ema) * lora) / shard
-        fake = (4 * base + 16 * lora) / shard
-    parts = {"teacher (bf16)": teacher, "generator": trained, "fake score": fake, "VAE (bf16)": 2 * vae}
+        trained = (4 * base + (16 + 4 * ema + buckets) * lora) / shard
+        fake = (4 * base + (16 + buckets) * lora) / shard
+    parts = {"teacher (bf16)": teacher, "generator": trained, "fake score": fake, "VAE (fp32)": 4 * vae}
     return {k: v / GIB for k, v in parts.items()}
 
 
@@ -90,7 +93,7 @@ def main() -> None:
     p.add_argument("--out", default="experiments/results/memory_recipe.md")
     args = p.parse_args()
     vae = vae_parameters()
-    lines = ["| model | training | sharding | teacher | generator | fake score | VAE | total static GiB/GPU |",
+    lines = ["| model | training | sharding | teacher | generator | fake score | VAE (decoding) | total static GiB/GPU |",
              "|---|---|---|---|---|---|---|---|"]
     counts = []
     for name, config in UNETS.items():
@@ -105,7 +108,7 @@ def main() -> None:
     text = ("# Static memory per GPU, DMD2 (weights + gradients + AdamW states; activations not included)\n\n"
             f"Command: `python experiments/memory_recipe.py --gpus {args.gpus} --lora-rank {args.lora_rank}`\n\n"
             + "\n".join(f"- {c}" for c in counts) + f"\n- VAE {vae / 1e6:.1f} M parameters\n\n"
-            + "\n".join(lines) + "\n\nFull SDXL under DDP needs ~82 GiB before any activation: more than an "
+            + "\n".join(lines) + "\n\nFull SDXL under DDP needs ~100 GiB before any activation: more than an "
             "80 GB GPU, which is why DMD2 trains it with FSDP (or LoRA).\n\n" + __doc__.split("\n\n", 2)[2].strip() + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

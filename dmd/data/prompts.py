@@ -80,7 +80,7 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[Path | None]]:
 def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"Image folder {folder} does not exist (data.images=<folder> or null).")
+        raise FileNotFoundError(f"Image folder {folder} does not exist: give a folder of {'/'.join(IMAGE_SUFFIXES)} images.")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"Image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
@@ -179,9 +179,9 @@ class PromptDataModule(pl.LightningDataModule):
         path = self.cache_dir / "latents" / f"{h.hexdigest()[:16]}.safetensors"
         if path.is_file():
             return load_file(path)["latents"]
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in
-                                 load_images(files, size).split(16)]) * vae.config.scaling_factor
+        with torch.no_grad():  # 16 images at a time: the folder is never held in memory as pixels
+            latents = torch.cat([vae.encode(load_images(files[i:i + 16], size)).latent_dist.mean
+                                 for i in range(0, len(files), 16)]) * vae.config.scaling_factor
         save_safetensors({"latents": latents.contiguous()}, path)
         log.info("Real images: %d encoded to latents and cached at %s", len(files), path)
         return latents

@@ -66,7 +66,7 @@ class ImageFolderReference:
     centre-cropped to ``size``; all of them, or ``num_samples`` drawn with ``seed``."""
 
     folder: str = ""
-    size: int = 512
+    size: int | None = None  # None: the teacher's image size
     num_samples: int | None = None
     seed: int = 0
 
@@ -82,14 +82,20 @@ class ImageFolderReference:
         return files
 
     def provenance(self, teacher=None) -> dict:
-        names = hashlib.sha256("\n".join(f"{f.name}:{f.stat().st_size}" for f in self.files()).encode())
-        return {"kind": self.kind, "folder": Path(self.folder).name, "files_sha256": names.hexdigest(),
-                "size": self.size, "num_samples": self.num_samples, "seed": self.seed}
+        files = "\n".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self.files())
+        return {"kind": self.kind, "folder": Path(self.folder).name,
+                "files_sha256": hashlib.sha256(files.encode()).hexdigest(),
+                "size": self._size(teacher), "num_samples": self.num_samples, "seed": self.seed}
+
+    def _size(self, teacher) -> int:
+        if self.size is None and teacher is None:
+            raise ValueError("ImageFolderReference(size=None) takes the teacher's image size: give the teacher or a size.")
+        return self.size or teacher.image_shape[-1]
 
     def images(self, teacher=None, progress: bool = True):
         from dmd.data.prompts import load_images
 
-        return load_images(self.files(), self.size), None
+        return load_images(self.files(), self._size(teacher)), None
 
 
 @dataclass

@@ -50,6 +50,8 @@ def save_lora(unet: nn.Module, folder: str | Path, pipeline_class: str = "Stable
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
+    # The adapter's config (rank, alpha) goes along: without it diffusers assumes alpha = rank.
     getattr(diffusers, pipeline_class).save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=LORA_FILE)
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=LORA_FILE,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return folder / LORA_FILE

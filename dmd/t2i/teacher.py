@@ -73,22 +73,14 @@ class TextToImageTeacher(Teacher):
 
     @torch.no_grad()
     def to_images(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Decode latents to images in [-1, 1] (float32, on the latents' device)."""
-        vae = self.vae
+        """Decode latents to images in [-1, 1] (float32, returned on the latents' device). The
+        VAE (float32: SDXL's overflows in half precision) decodes where the teacher's UNet is."""
+        device = next(self.denoiser.unet.parameters()).device
+        vae = self.vae.to(device)
         scale = vae.config.scaling_factor
-        out = []
-        for chunk in latents.split(batch_size):
-            z = chunk.to(vae.device, vae.dtype) / scale
-            out.append(vae.decode(z).sample.float().clamp(-1, 1).to(latents.device))
+        out = [vae.decode(chunk.to(device, vae.dtype) / scale).sample.float().clamp(-1, 1).to(latents.device)
+               for chunk in latents.split(batch_size)]
         return torch.cat(out)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the posterior mean: deterministic)."""
-        vae = self.vae
-        out = [vae.encode(c.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
-               for c in images.split(batch_size)]
-        return torch.cat(out) * vae.config.scaling_factor
 
 
 def pipeline_index(xl: bool) -> dict:
@@ -107,22 +99,29 @@ def pipeline_index(xl: bool) -> dict:
 
 
 def load_text_to_image_teacher(path: str, dtype: str = "float32", prompts: list[str] | None = None,
-                               image_size: int | None = None) -> TextToImageTeacher:
+                               prompts_file: str | None = None, image_size: int | None = None) -> TextToImageTeacher:
     """Load unet/, vae/, scheduler/, tokenizer[_2]/ and text_encoder[_2]/ of a Stable Diffusion
-    pipeline (a local folder or a hub id, as diffusers resolves it), frozen, the UNet and VAE
-    in ``dtype`` (the text encoders stay float32: embeddings are computed once and cached)."""
+    pipeline (a local folder or a hub id, as diffusers resolves it), frozen, the UNet in ``dtype``
+    (VAE and text encoders stay float32; embeddings are computed once and cached). Evaluation
+    prompts: ``prompts``, or the prompts of ``prompts_file`` (.txt/.jsonl/.json, e.g. COCO
+    captions for the COCO protocol), or a small built-in list."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     if dtype not in DTYPES:
         raise ValueError(f"teacher.dtype={dtype!r}; choose one of {sorted(DTYPES)}.")
     local = Path(path).expanduser()
-    if (local.is_absolute() or str(path).startswith(".")) and not local.is_dir():
+    if (local.is_absolute() or str(path).startswith((".", "~"))) and not local.is_dir():
         raise FileNotFoundError(f"Pipeline folder {local} does not exist. Point teacher.path at a "
                                 "diffusers Stable Diffusion folder (unet/, vae/, scheduler/, "
                                 "tokenizer/, text_encoder/) or a hub id.")
+    path = str(local) if local.is_dir() else str(path)
+    if prompts_file:
+        from dmd.data.prompts import read_prompts
+
+        prompts = read_prompts(prompts_file)[0]
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=DTYPES[dtype])
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=DTYPES[dtype])
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")  # float32 (see to_images)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     except (OSError, ValueError) as err:
         raise OSError(f"Could not load a Stable Diffusion pipeline from {path!r}: {err}. Expected "

@@ -101,9 +101,12 @@ def _has_subfolder(path: str, name: str) -> bool:
     local = Path(path).expanduser()
     if local.is_dir():
         return (local / name).is_dir()
-    from huggingface_hub import file_exists
+    from huggingface_hub import file_exists, try_to_load_from_cache
 
-    return file_exists(path, f"{name}/config.json")
+    try:
+        return file_exists(path, f"{name}/config.json")
+    except Exception:  # offline: answer from the local hub cache
+        return isinstance(try_to_load_from_cache(path, f"{name}/config.json"), str)
 
 
 def cached_conditions(encoder: PromptEncoder, prompts: list[str], cache_dir: str | Path) -> dict:
