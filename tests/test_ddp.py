@@ -37,5 +37,12 @@ def test_multi_gpu_and_multi_node_trainer_presets_compose(monkeypatch):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         multi = compose("train", overrides=["trainer=multi_gpu"]).trainer
         nodes = compose("train", overrides=["trainer=multi_node"]).trainer
-    assert multi.strategy == "ddp_find_unused_parameters_true" and multi.precision == "bf16-mixed"
+    from datetime import timedelta
+
+    from hydra.utils import instantiate
+    from pytorch_lightning.strategies import DDPStrategy
+
+    strategy = instantiate(multi.strategy)  # constructing it needs no GPU or process group
+    assert isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs["find_unused_parameters"]
+    assert strategy._timeout == timedelta(hours=2) and multi.precision == "bf16-mixed"
     assert (nodes.num_nodes, nodes.devices, nodes.accelerator) == (4, 8, "gpu")
