@@ -191,3 +191,31 @@ def test_pre_encoded_latents_serve_as_real_images(tmp_path, pipelines):
     save_file({"latents": torch.randn(3, 4, 8, 8)}, bad)
     with pytest.raises(ValueError, match=r"shape \(4, 8, 8\).*\(4, 16, 16\)"):
         PromptDataModule(str(TINY_DATA), path, latents=str(bad), cache_dir=str(tmp_path)).setup()
+
+
+def test_webdataset_shards_serve_as_real_images(tmp_path, pipelines):
+    import tarfile
+
+    from dmd.data.prompts import PromptDataModule
+
+    images = sorted((TINY_DATA.parent / "images").glob("*.png"))
+    for shard in range(2):  # 2 shards x 3 images, each sample an image and its caption
+        with tarfile.open(tmp_path / f"shard-{shard:06d}.tar", "w") as tar:
+            for i, png in enumerate(images[3 * shard: 3 * shard + 3]):
+                tar.add(png, arcname=f"{shard:02d}{i:04d}.png")
+                caption = tmp_path / "caption.txt"
+                caption.write_text(png.stem.replace("_", " "))
+                tar.add(caption, arcname=f"{shard:02d}{i:04d}.txt")
+    prompts = tmp_path / "prompts.txt"  # unpaired prompts: real images come from the shards / folder
+    prompts.write_text("\n".join(read_prompts(TINY_DATA)[0]))
+    data = PromptDataModule(str(prompts), pipelines["sd15"].path, shards=str(tmp_path / "shard-{000000..000001}.tar"),
+                            batch_size=4, cache_dir=str(tmp_path / "cache"))
+    data.setup()
+    folder = PromptDataModule(str(prompts), pipelines["sd15"].path, images=str(TINY_DATA.parent / "images"),
+                              cache_dir=str(tmp_path / "cache"))
+    folder.setup()
+    shards = data.train_set.latents
+    assert shards.shape == (6, 4, 16, 16)  # every image of both shards, in order
+    assert torch.allclose(shards, folder.train_set.latents[:6], atol=1e-5)  # the same pixels as the files
+    with pytest.raises(FileNotFoundError, match="shard"):
+        PromptDataModule(str(prompts), pipelines["sd15"].path, shards=str(tmp_path / "none-{0..1}.tar")).setup()

@@ -10,7 +10,8 @@ Batches are (real latents, condition): the condition is the prompt's text embedd
   caption, so the discriminator sees real images under their own captions;
 - ``.json``: COCO captions (``{"annotations": [{"caption": ...}]}``) or a list of strings.
 
-Real images can also come pre-encoded: ``latents``, a safetensors file whose ``latents`` tensor
+Real images can also come from webdataset tar shards (``shards``, a brace pattern; images are
+read in order and encoded once), or pre-encoded: ``latents``, a safetensors file whose ``latents`` tensor
 (N, C, H/f, W/f) holds VAE latents already multiplied by the VAE's scaling factor (the format of
 this module's own latent cache). Without paired images, real image i is shown with prompt i
 (cycling the shorter list).
@@ -20,6 +21,7 @@ Without any images the GAN loss cannot be used (the module refuses it before tra
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -87,14 +89,41 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_images(files: list[Path], size: int) -> torch.Tensor:
-    """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], (N, 3, size, size)."""
-    from PIL import Image
+def to_tensors(images, size: int) -> torch.Tensor:
+    """PIL images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], (N, 3, size, size)."""
     from torchvision.transforms import v2
 
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
                      v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
-    return torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    return torch.stack([tf(image.convert("RGB")) for image in images])
+
+
+def load_images(files: list[Path], size: int) -> torch.Tensor:
+    """:func:`to_tensors` of image files."""
+    from PIL import Image
+
+    return to_tensors([Image.open(f) for f in files], size)
+
+
+def shard_files(urls: str) -> list[Path]:
+    """The tar files of a webdataset brace pattern (``shards/{000000..000009}.tar``)."""
+    from braceexpand import braceexpand
+
+    files = [Path(u).expanduser() for u in braceexpand(urls)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.shards={urls}: {len(missing)} shard(s) missing, e.g. {missing[0]}.")
+    return files
+
+
+def shard_images(files: list[Path]):
+    """The images of webdataset shards (first of jpg/jpeg/png/webp in each sample), in order."""
+    import webdataset as wds
+
+    for sample in wds.WebDataset([str(f) for f in files], shardshuffle=False).decode("pil"):
+        image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if image is not None:
+            yield image
 
 
 class _PromptLatents(Dataset):
@@ -112,16 +141,18 @@ class PromptDataModule(pl.LightningDataModule):
     """(real latents, text condition) batches for a latent text-to-image teacher at ``pipeline``."""
 
     def __init__(self, prompts: str, pipeline: str, images: str | None = None, latents: str | None = None,
-                 image_size: int | None = None, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 cache_dir: str = ".cache"):
+                 shards: str | None = None, image_size: int | None = None, batch_size: int = 4,
+                 num_workers: int = 0, seed: int = 0, cache_dir: str = ".cache"):
         super().__init__()
-        if images and latents:
-            raise ValueError("Give data.images (a folder to encode) or data.latents (pre-encoded), not both.")
+        if sum(bool(x) for x in (images, latents, shards)) > 1:
+            raise ValueError("Give one source of real images: data.images (a folder), data.shards "
+                             "(webdataset tars) or data.latents (pre-encoded).")
         self.prompts_path, self.pipeline, self.images, self.latents = prompts, pipeline, images, latents
+        self.shards = shards
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.seed, self.cache_dir = seed, Path(cache_dir)
         self.prompts, self.paired = read_prompts(prompts)  # bad files fail at instantiation
-        self.has_real_images = bool(images or latents) or all(p is not None for p in self.paired)
+        self.has_real_images = bool(images or latents or shards) or all(p is not None for p in self.paired)
         self.train_set = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -141,10 +172,16 @@ class PromptDataModule(pl.LightningDataModule):
         if self.latents:
             latents = self._pre_encoded(shape)
             index = [i % latents.shape[0] for i in range(len(self.prompts))]
+        elif self.shards:
+            files = shard_files(self.shards)
+            latents = self._latents(vae, files, size, lambda: shard_images(files))
+            index = [i % latents.shape[0] for i in range(len(self.prompts))]
         elif self.has_real_images:
+            from PIL import Image
+
             files = ([p for p in self.paired] if all(p is not None for p in self.paired)
                      else image_files(self.images))
-            latents = self._latents(vae, files, size)
+            latents = self._latents(vae, files, size, lambda: (Image.open(f) for f in files))
             index = [i % len(files) for i in range(len(self.prompts))]
         else:  # placeholders of the latent shape: never shown to a discriminator
             latents = torch.zeros(1, *shape)
@@ -166,8 +203,9 @@ class PromptDataModule(pl.LightningDataModule):
                              f"pipeline's VAE makes {shape} at this data.image_size.")
         return latents.float()
 
-    def _latents(self, vae, files: list[Path], size: int) -> torch.Tensor:
-        """VAE latents (posterior mean x scaling factor) of the images, cached."""
+    def _latents(self, vae, files: list[Path], size: int, images) -> torch.Tensor:
+        """VAE latents (posterior mean x scaling factor) of ``images()`` (PIL images read from
+        ``files``), cached by the files' identity, the VAE and the size."""
         from safetensors.torch import load_file
 
         from dmd.files import save_safetensors
@@ -179,11 +217,15 @@ class PromptDataModule(pl.LightningDataModule):
         path = self.cache_dir / "latents" / f"{h.hexdigest()[:16]}.safetensors"
         if path.is_file():
             return load_file(path)["latents"]
-        with torch.no_grad():  # 16 images at a time: the folder is never held in memory as pixels
-            latents = torch.cat([vae.encode(load_images(files[i:i + 16], size)).latent_dist.mean
-                                 for i in range(0, len(files), 16)]) * vae.config.scaling_factor
+        chunks, stream = [], iter(images())
+        with torch.no_grad():  # 16 images at a time: the images are never all held as pixels
+            while chunk := list(itertools.islice(stream, 16)):
+                chunks.append(vae.encode(to_tensors(chunk, size)).latent_dist.mean)
+        if not chunks:
+            raise ValueError(f"No images found in {files[0].parent} ({len(files)} file(s)).")
+        latents = torch.cat(chunks) * vae.config.scaling_factor
         save_safetensors({"latents": latents.contiguous()}, path)
-        log.info("Real images: %d encoded to latents and cached at %s", len(files), path)
+        log.info("Real images: %d encoded to latents and cached at %s", latents.shape[0], path)
         return latents
 
     def train_dataloader(self):
