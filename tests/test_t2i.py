@@ -124,6 +124,14 @@ def test_prompt_files_are_read_and_bad_ones_refused(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="data.prompts"):
         read_prompts(tmp_path / "missing.txt")
+    # Real images come from one place: the prompt file's pairs or a separate source, never both.
+    from dmd.data.prompts import PromptDataModule
+
+    with pytest.raises(ValueError, match="pairs every prompt with an image already"):
+        PromptDataModule(str(TINY_DATA), "unused", images=str(tmp_path))
+    (tmp_path / "half.jsonl").write_text('{"prompt": "a", "image": "x.png"}\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match="1 of 2 rows have no 'image'"):
+        PromptDataModule(str(tmp_path / "half.jsonl"), "unused")
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train_the_tiny_pipeline(cli, tmp_path):
@@ -180,9 +188,11 @@ def test_pre_encoded_latents_serve_as_real_images(tmp_path, pipelines):
     from dmd.data.prompts import PromptDataModule
 
     path = pipelines["sd15"].path
+    prompts = tmp_path / "prompts.txt"  # unpaired prompts: the real images are the latents file
+    prompts.write_text("\n".join(read_prompts(TINY_DATA)[0]))
     good = tmp_path / "latents.safetensors"
     save_file({"latents": torch.randn(3, 4, 16, 16)}, good)
-    data = PromptDataModule(str(TINY_DATA), path, latents=str(good), batch_size=4, cache_dir=str(tmp_path))
+    data = PromptDataModule(str(prompts), path, latents=str(good), batch_size=4, cache_dir=str(tmp_path))
     data.setup()
     real, cond = next(iter(data.train_dataloader()))
     assert data.has_real_images and real.shape == (4, 4, 16, 16)
@@ -190,7 +200,7 @@ def test_pre_encoded_latents_serve_as_real_images(tmp_path, pipelines):
     bad = tmp_path / "bad.safetensors"
     save_file({"latents": torch.randn(3, 4, 8, 8)}, bad)
     with pytest.raises(ValueError, match=r"shape \(4, 8, 8\).*\(4, 16, 16\)"):
-        PromptDataModule(str(TINY_DATA), path, latents=str(bad), cache_dir=str(tmp_path)).setup()
+        PromptDataModule(str(prompts), path, latents=str(bad), cache_dir=str(tmp_path)).setup()
 
 
 def test_webdataset_shards_serve_as_real_images(tmp_path, pipelines):

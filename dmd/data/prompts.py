@@ -14,7 +14,8 @@ Real images can also come from webdataset tar shards (``shards``, a brace patter
 read in order and encoded once), or pre-encoded: ``latents``, a safetensors file whose ``latents`` tensor
 (N, C, H/f, W/f) holds VAE latents already multiplied by the VAE's scaling factor (the format of
 this module's own latent cache). Without paired images, real image i is shown with prompt i
-(cycling the shorter list).
+(cycling the shorter list). Real images come from one source: a .jsonl file pairing every row,
+or a folder / shards / latents file.
 Without any images the GAN loss cannot be used (the module refuses it before training).
 """
 
@@ -152,7 +153,14 @@ class PromptDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.seed, self.cache_dir = seed, Path(cache_dir)
         self.prompts, self.paired = read_prompts(prompts)  # bad files fail at instantiation
-        self.has_real_images = bool(images or latents or shards) or all(p is not None for p in self.paired)
+        paired = [p is not None for p in self.paired]
+        if any(paired) and not all(paired):
+            raise ValueError(f"{prompts}: {paired.count(False)} of {len(paired)} rows have no 'image'; pair "
+                             "every row with an image, or none (and give data.images / shards / latents).")
+        if all(paired) and (images or latents or shards):
+            raise ValueError(f"{prompts} pairs every prompt with an image already: drop data.images / "
+                             "data.shards / data.latents (or use a prompt file without images).")
+        self.has_real_images = bool(images or latents or shards) or all(paired)
         self.train_set = None
 
     def setup(self, stage: str | None = None) -> None:
