@@ -87,10 +87,8 @@ def evaluate_model(model: Model, evaluator, num_samples: int, seed: int = 0,
     samples, labels = draw_samples(model.info, model.fn, noise, None, batch_size, device,
                                    model.name, progress)
     sampling_seconds = time.perf_counter() - started
-    info = model.info
-    samples = info.to_images(samples)  # latent (text-to-image) models: decoded, as metrics need
-    labels = labels if isinstance(labels, torch.Tensor) else None  # text conditions are no labels
-    metrics = evaluator(samples, labels, info.prompt_list(num_samples))
+    samples, labels = model.info.as_images(samples, labels)
+    metrics = evaluator(samples, labels, model.info.prompt_list(num_samples))
     latency, forward = {}, {}
     for b in latency_batch_sizes:
         latency[str(b)] = latency_ms_per_image(model.fn, model.info, b, device, repeats, warmup)

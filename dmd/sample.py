@@ -117,8 +117,7 @@ def write_npz(samples: torch.Tensor, labels: torch.Tensor | None, path: str | Pa
     else:
         arr0 = samples.float().numpy()
     n = samples.shape[0]
-    # Class labels, or -1 (unconditional, or text-conditioned: the prompts are not labels).
-    arr1 = (labels if isinstance(labels, torch.Tensor) else torch.full((n,), -1)).long().numpy()
+    arr1 = (labels if labels is not None else torch.full((n,), -1)).long().numpy()
     np.savez(path, arr_0=arr0, arr_1=arr1)
     return path
 
@@ -142,7 +141,8 @@ def run(cfg: DictConfig) -> Path:
                                          s.guidance_scale, cfg.seed, cfg.batch_size)
         what = (f"teacher ({s.name}, {s.steps} steps, CFG {s.guidance_scale:.2f}, "
                 f"NFE {nfe(s.name, s.steps, s.guidance_scale)})")
-    samples = (generator_info if cfg.ckpt else teacher).to_images(samples)  # latents -> images
+    # Latent samples decoded; text conditions are no class labels (arr_1 = -1).
+    samples, labels = (generator_info if cfg.ckpt else teacher).as_images(samples, labels)
     out = Path(cfg.out)
     if not out.is_absolute():  # relative to where the user ran the command, not the run dir
         out = Path(hydra.utils.get_original_cwd()) / out

@@ -49,6 +49,11 @@ class Teacher:
         """Samples as images in [-1, 1] (latent teachers decode them; here they already are)."""
         return samples
 
+    def as_images(self, samples: torch.Tensor, labels=None):
+        """(images, class labels or None) of samples drawn for ``labels``: what metrics, grids and
+        .npz files take. Text conditions are not class labels."""
+        return self.to_images(samples), labels if isinstance(labels, torch.Tensor) else None
+
     def null_condition(self, n: int, device=None):
         """The unconditional input used by CFG, or None for unconditional models."""
         if not self.num_classes:

@@ -21,7 +21,6 @@ import numbers
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 
 from dmd.files import atomic_path
 from dmd.sample import sample_generator
@@ -98,8 +97,7 @@ class EvaluationCallback(pl.Callback):
                                            seed=self.seed, batch_size=self.batch_size,
                                            device=pl_module.device, progress=False)
         teacher = pl_module.teacher
-        images = teacher.to_images(samples)  # latent teachers: decoded
-        labels = labels if isinstance(labels, torch.Tensor) else None  # text conditions are no labels
+        images, labels = teacher.as_images(samples, labels)
         metrics = self.evaluator(images, labels, teacher.prompt_list(self.num_samples))
         out_dir = Path(trainer.default_root_dir)
         grid = save_sample_grid(images[: self.grid_size], out_dir / "samples" / f"step_{step:06d}.png")

@@ -134,11 +134,9 @@ class TeacherReference:
 
         # Sample where the teacher already is: during training it is the live real score.
         device = next(iter(teacher.denoiser.buffers()), torch.empty(0)).device
-        samples, labels = sample_teacher(teacher, self.num_samples, self.sampler, self.steps,
-                                         self.guidance_scale, seed=self.seed, batch_size=self.batch_size,
-                                         device=device, progress=progress, spacing=self.spacing)
-        # Latent teachers: decoded images; text conditions are not class labels.
-        return teacher.to_images(samples), labels if isinstance(labels, torch.Tensor) else None
+        return teacher.as_images(*sample_teacher(
+            teacher, self.num_samples, self.sampler, self.steps, self.guidance_scale, seed=self.seed,
+            batch_size=self.batch_size, device=device, progress=progress, spacing=self.spacing))
 
 
 def reference_key(provenance: dict) -> str:
