@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dmd.conditioning import condition_to, repeat_condition
+from dmd.conditioning import condition_to, repeat_condition, select_condition
 from dmd.denoisers import DiffusersUNetDenoiser
 from dmd.schedule import VPSchedule
 from dmd.t2i.text import PromptEncoder
@@ -37,6 +37,7 @@ class TextToImageTeacher(Teacher):
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     path: str = ""                     # the pipeline folder or hub id (generators copy its parts)
     kind: str = "sd15"
+    _prompt_conditions: dict = field(default=None, repr=False)  # self.prompts encoded, once
 
     def condition(self, batch_condition):
         return batch_condition
@@ -60,8 +61,12 @@ class TextToImageTeacher(Teacher):
         return condition_to(repeat_condition(self.null, n), device)
 
     def labels(self, n: int, device=None):
-        """Conditions of the evaluation prompts, cycled to ``n`` (with :meth:`prompt_list`)."""
-        return condition_to(self.prompt_encoder(self.prompt_list(n)), device)
+        """Conditions of the evaluation prompts, cycled to ``n`` (with :meth:`prompt_list`); each
+        distinct prompt is encoded once per teacher, not at every evaluation."""
+        if self._prompt_conditions is None:
+            self._prompt_conditions = self.prompt_encoder(self.prompts)
+        index = torch.arange(n) % len(self.prompts)
+        return condition_to(select_condition(self._prompt_conditions, index), device)
 
     def prompt_list(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
