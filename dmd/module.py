@@ -307,10 +307,6 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def copy_denoiser(denoiser: nn.Module) -> nn.Module:
-    """A trainable copy of a network (generator and fake score start from the teacher's), in
-    float32 even when the frozen teacher is kept in half precision (fp32 master weights; bf16
-    compute comes from the trainer's autocast)."""
-    trainable_copy = copy.deepcopy(denoiser).requires_grad_(True).train()
-    if hasattr(trainable_copy, "unet"):
-        trainable_copy.unet.float()
-    return trainable_copy
+    """A trainable copy of a network (generator and fake score start from the teacher's, or from
+    its float32 reload when the teacher is kept in half precision: see ``train.student_init``)."""
+    return copy.deepcopy(denoiser).requires_grad_(True).train()

@@ -61,12 +61,7 @@ def student_init(teacher: Teacher, init: str | None) -> Teacher:
     if teacher.pipeline_class is not None:  # text-to-image
         require(not init, "init= is not supported for text-to-image teachers: the generator and fake "
                 "score start from the teacher's UNet (set init=null).")
-        if teacher.denoiser.unet.dtype != torch.float32:
-            # A half-precision teacher: start from its float32 weights, not from rounded copies.
-            from dmd.t2i.teacher import load_text_to_image_teacher
-
-            return load_text_to_image_teacher(teacher.path, "float32", prompts=teacher.prompts)
-        return teacher
+        return teacher if teacher.denoiser.unet.dtype == torch.float32 else teacher.with_float32_unet()
     if not init:
         require(hasattr(teacher.denoiser, "unet"),
                 f"the teacher ({type(teacher.denoiser).__name__}) has no network to copy into the "

@@ -9,7 +9,7 @@ evaluation and sample grids. Conditions are dicts of text embeddings (:mod:`dmd.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +67,15 @@ class TextToImageTeacher(Teacher):
             self._prompt_conditions = self.prompt_encoder(self.prompts)
         index = torch.arange(n) % len(self.prompts)
         return condition_to(select_condition(self._prompt_conditions, index), device)
+
+    def with_float32_unet(self) -> TextToImageTeacher:
+        """This teacher with its UNet loaded again in float32: where a half-precision teacher's
+        generator and fake score start (fp32 master weights, not rounded copies)."""
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", torch_dtype=torch.float32)
+        d = self.denoiser
+        return replace(self, denoiser=DiffusersUNetDenoiser(_freeze(unet), d.schedule, d.prediction_type))
 
     def prompt_list(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
