@@ -49,13 +49,6 @@ def repeat_condition(cond, n: int):
     return map_condition(lambda t: t.expand(n, *t.shape[1:]).contiguous(), cond)
 
 
-def condition_size(cond) -> int:
-    """The batch size of a condition (dicts: of their first tensor)."""
-    while isinstance(cond, dict):
-        cond = next(iter(cond.values()))
-    return cond.shape[0]
-
-
 def flatten_condition(cond, prefix: str = "") -> dict:
     """A nested condition dict as flat ``{"a.b": tensor}`` (for safetensors files)."""
     if not isinstance(cond, dict):
@@ -78,11 +71,11 @@ def unflatten_condition(flat: dict) -> dict:
     return out
 
 
-def concat_conditions(a, b):
-    """Stack two conditions of the same kind along the batch (one forward for cond+uncond)."""
-    if isinstance(a, dict):
-        return {k: concat_conditions(a[k], b[k]) for k in a}
-    return torch.cat([a, b], dim=0)
+def concat_conditions(*conds):
+    """Stack conditions of the same kind along the batch (e.g. cond+uncond for one forward)."""
+    if isinstance(conds[0], dict):
+        return {k: concat_conditions(*(c[k] for c in conds)) for k in conds[0]}
+    return torch.cat(conds, dim=0)
 
 
 def guided_x0(denoiser, x_t: Tensor, t: Tensor, cond, uncond, guidance_scale: float) -> Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dmd.conditioning import flatten_condition, unflatten_condition
+from dmd.conditioning import concat_conditions, flatten_condition, unflatten_condition
 from dmd.teachers import weights_digest
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class PromptEncoder:
     def __call__(self, prompts: list[str], batch_size: int = 64) -> dict:
         if isinstance(prompts, str):
             prompts = [prompts]
-        parts = [self._encode(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+        return concat_conditions(*(self._encode(prompts[i:i + batch_size])
+                                   for i in range(0, len(prompts), batch_size)))
 
     def _encode(self, prompts: list[str]) -> dict:
         hidden, pooled = [], None
@@ -89,12 +89,6 @@ class PromptEncoder:
                     "added_cond_kwargs": {"text_embeds": torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"]),
                                           "time_ids": cond["added_cond_kwargs"]["time_ids"]}}
         return cond
-
-
-def _cat(values):
-    if isinstance(values[0], dict):
-        return {k: _cat([v[k] for v in values]) for k in values[0]}
-    return torch.cat(values)
 
 
 def _has_subfolder(path: str, name: str) -> bool:
