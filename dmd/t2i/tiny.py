@@ -50,13 +50,16 @@ def _text_encoder(tokenizer_dir: Path, projection: bool):
         CLIPTokenizer,
     )
 
-    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, projection_dim=TEXT_DIM,
-                            max_position_embeddings=tok.model_max_length, hidden_act="gelu",
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id)
+    config = CLIPTextConfig(**_text_config(CLIPTokenizer.from_pretrained(tokenizer_dir)),
+                            projection_dim=TEXT_DIM, hidden_act="gelu")
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _text_config(tok) -> dict:
+    """The tiny CLIP text transformer's settings for tokenizer ``tok`` (pipelines' and CLIP's)."""
+    return dict(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=tok.model_max_length,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def make_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0) -> Path:
@@ -115,9 +118,7 @@ def make_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     write_tokenizer(folder / "tokenizer", max_length=77)
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text = dict(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = _text_config(tok)  # max_position_embeddings = the tokenizer's 77
     vision = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=TEXT_DIM, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4)
     with torch.random.fork_rng():
