@@ -45,19 +45,28 @@ def find_runs(paths) -> list[Path]:
     return runs
 
 
+def run_record(where: str, overrides, status: str, metrics: dict | None, evaluations=(),
+               error: str | None = None) -> dict:
+    """One run as compare groups it: its overrides as {key: value} params (``+``/``~`` prefixes
+    dropped), status, last metrics and per-step evaluations. Built from a results.json
+    (:func:`load_run`) or a wandb run (:mod:`dmd.wandb_runs`)."""
+    params = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
+    return {"dir": where, "params": params, "status": status, "seed": params.get("seed"),
+            "metrics": metrics or {}, "evaluations": list(evaluations), "error": error}
+
+
 def load_run(run: Path) -> dict:
     results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
     overrides = results.get("overrides")
     if overrides is None and (run / ".hydra" / "overrides.yaml").is_file():
         overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
-    params = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
     status = results.get("status", "completed" if results.get("metrics") else "missing")
-    return {"dir": str(run), "params": params, "status": status, "seed": params.get("seed"),
-            "metrics": results.get("metrics") or {}, "evaluations": results.get("evaluations", []),
-            "error": results.get("error")}
+    return run_record(str(run), overrides, status, results.get("metrics"),
+                      results.get("evaluations", []), results.get("error"))
 
 
-def _numeric(v) -> bool:
+def is_number(v) -> bool:
+    """A finite int or float (not a bool): what compare aggregates."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -114,7 +123,7 @@ class Comparison:
             fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)  # metric vs generator step per run
             for r in self.runs:
                 pts = [(e["generator_step"], e["metrics"][m]) for e in r["evaluations"]
-                       if _numeric(e["metrics"].get(m))]
+                       if is_number(e["metrics"].get(m))]
                 if pts:
                     label = ", ".join(f"{k}={r['params'].get(k)}" for k in [*self.swept, "seed"])
                     ax.plot(*zip(*pts), marker=".", label=label)
@@ -150,7 +159,7 @@ def compare(paths=(), metrics: list[str] | None = None, runs: list[dict] | None 
              and len({r["params"].get(k) for r in runs}) > 1]
     if metrics is None:
         done = [r for r in runs if r["status"] == "completed"]
-        metrics = sorted({k for r in done for k, v in r["metrics"].items() if _numeric(v)}
+        metrics = sorted({k for r in done for k, v in r["metrics"].items() if is_number(v)}
                          - {"num_samples"})
     groups: dict[tuple, dict] = {}
     for r in runs:
@@ -165,7 +174,7 @@ def compare(paths=(), metrics: list[str] | None = None, runs: list[dict] | None 
         g = groups[key]
         stats = {}
         for m in metrics:
-            vals = [r["metrics"][m] for r in g["runs"] if _numeric(r["metrics"].get(m))]
+            vals = [r["metrics"][m] for r in g["runs"] if is_number(r["metrics"].get(m))]
             if vals:
                 stats[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
                             len(vals))

@@ -9,6 +9,8 @@ server until ``wandb sync``; for them compare the run dirs' results.json instead
 
 from __future__ import annotations
 
+from dmd.compare import is_number, run_record
+
 EVAL = "eval/"
 
 
@@ -18,19 +20,17 @@ def _eval_metrics(row) -> dict:
     skip = {"generator_step", "iteration"}
     return {k[len(EVAL):]: v for k, v in row.items()
             if k.startswith(EVAL) and "/" not in k[len(EVAL):] and k[len(EVAL):] not in skip
-            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            and is_number(v)}
 
 
-def run_record(run) -> dict:
-    """One ``wandb.apis.public.Run`` as a compare record (same keys as ``compare.load_run``)."""
-    overrides = list(run.config.get("overrides") or [])
-    params = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+def record_of(run) -> dict:
+    """One ``wandb.apis.public.Run`` as a compare record (:func:`dmd.compare.run_record`)."""
     evaluations = [{"generator_step": int(row[EVAL + "generator_step"]), "metrics": _eval_metrics(row)}
                    for row in run.scan_history() if row.get(EVAL + "generator_step") is not None]
     status = {"finished": "completed"}.get(run.state, run.state)  # failed, crashed, running
-    return {"dir": f"wandb:{run.path and '/'.join(run.path)}", "params": params, "status": status,
-            "seed": params.get("seed"), "metrics": _eval_metrics(dict(run.summary)),
-            "evaluations": evaluations, "error": None if status == "completed" else f"wandb state {run.state}"}
+    return run_record(f"wandb:{run.path and '/'.join(run.path)}", run.config.get("overrides"), status,
+                      _eval_metrics(dict(run.summary)), evaluations,
+                      None if status == "completed" else f"wandb state {run.state}")
 
 
 def group_runs(project: str, group: str, api=None) -> list[dict]:
@@ -39,7 +39,7 @@ def group_runs(project: str, group: str, api=None) -> list[dict]:
         import wandb
 
         api = wandb.Api()
-    runs = [run_record(r) for r in api.runs(project, filters={"group": group})]
+    runs = [record_of(r) for r in api.runs(project, filters={"group": group})]
     if not runs:
         raise LookupError(f"No wandb runs in group {group!r} of {project!r}: check the names "
                           "(the group is the experiment name unless logger.group was set) and "
