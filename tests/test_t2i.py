@@ -182,14 +182,21 @@ def test_memory_recipe_counts_the_published_unets_exactly():
     assert sharded["generator"] == pytest.approx(16 * base / 8 / 1024 ** 3)
 
 
-def test_pre_encoded_latents_serve_as_real_images(tmp_path, pipelines):
+@pytest.fixture
+def unpaired_prompts(tmp_path):
+    """The bundled prompts as a .txt file: no images paired, real images come from elsewhere."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts(TINY_DATA)[0]))
+    return prompts
+
+
+def test_pre_encoded_latents_serve_as_real_images(tmp_path, pipelines, unpaired_prompts):
     from safetensors.torch import save_file
 
     from dmd.data.prompts import PromptDataModule
 
     path = pipelines["sd15"].path
-    prompts = tmp_path / "prompts.txt"  # unpaired prompts: the real images are the latents file
-    prompts.write_text("\n".join(read_prompts(TINY_DATA)[0]))
+    prompts = unpaired_prompts  # the real images are the latents file
     good = tmp_path / "latents.safetensors"
     save_file({"latents": torch.randn(3, 4, 16, 16)}, good)
     data = PromptDataModule(str(prompts), path, latents=str(good), batch_size=4, cache_dir=str(tmp_path))
@@ -203,7 +210,7 @@ def test_pre_encoded_latents_serve_as_real_images(tmp_path, pipelines):
         PromptDataModule(str(prompts), path, latents=str(bad), cache_dir=str(tmp_path)).setup()
 
 
-def test_webdataset_shards_serve_as_real_images(tmp_path, pipelines):
+def test_webdataset_shards_serve_as_real_images(tmp_path, pipelines, unpaired_prompts):
     import tarfile
 
     from dmd.data.prompts import PromptDataModule
@@ -216,8 +223,7 @@ def test_webdataset_shards_serve_as_real_images(tmp_path, pipelines):
                 caption = tmp_path / "caption.txt"
                 caption.write_text(png.stem.replace("_", " "))
                 tar.add(caption, arcname=f"{shard:02d}{i:04d}.txt")
-    prompts = tmp_path / "prompts.txt"  # unpaired prompts: real images come from the shards / folder
-    prompts.write_text("\n".join(read_prompts(TINY_DATA)[0]))
+    prompts = unpaired_prompts  # real images come from the shards / folder
     data = PromptDataModule(str(prompts), pipelines["sd15"].path, shards=str(tmp_path / "shard-{000000..000001}.tar"),
                             batch_size=4, cache_dir=str(tmp_path / "cache"))
     data.setup()
