@@ -35,6 +35,7 @@ from dmd.losses import (
     gan_generator_loss,
     regression_loss,
 )
+from dmd.sharding import full_state_dict, gather_full, is_sharded, materialize, meta_copy, shard_like, shard_networks
 from dmd.teachers import Teacher
 
 RANK_SEED_STRIDE = 1_000_003
@@ -45,8 +46,10 @@ def _warmup(optimizer, steps: int):
 
 
 def _grad_norm(parameters) -> torch.Tensor:
-    grads = [p.grad.detach().norm() for p in parameters if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return gather_full([torch.nn.utils.get_total_norm(grads)])[0]  # sharded grads: one all-reduce
 
 
 class DMDModule(pl.LightningModule):
@@ -96,7 +99,9 @@ class DMDModule(pl.LightningModule):
         self.backward_simulation, self.seed = backward_simulation, seed
         self.max_iterations = max_iterations
         # Only trained weights (all of them, or the LoRA adapters) are optimised and averaged.
+        self.ema_decay = ema_decay
         self.ema = EMAModel(trainable(generator), decay=ema_decay) if ema_decay else None
+        self._release_template: list[nn.Module] = []  # FSDP: the generator's shape, weightless
         self.rng = torch.Generator().manual_seed(seed)
         self.iteration = self.generator_steps = self.fake_steps = 0
         # (iteration, step) pairs backward simulation trained, hashed: ranks compare it (train.py)
@@ -107,6 +112,23 @@ class DMDModule(pl.LightningModule):
         # a resumed checkpoint restores every rank's own state. The backward-simulation step
         # stays a function of (iteration, seed): the same on every rank.
         self.rng.manual_seed(self.seed + RANK_SEED_STRIDE * self.global_rank)
+
+    def configure_model(self) -> None:
+        # Under trainer=fsdp (dmd.sharding.FullyShardedStrategy) Lightning gives the module a
+        # device mesh: shard the trained networks. The frozen real score stays whole on every
+        # rank (rank 0 alone samples the teacher for evaluation references).
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or is_sharded(self.generator):
+            return
+        self._release_template[:] = [meta_copy(self.generator)]
+        head = self.gan_head.net if self.gan_head is not None else None  # its layers: FSDP wants
+        shard_networks([self.generator.denoiser, self.fake_score, head], mesh["data_parallel"])  # no view outputs
+        if self.ema is not None:  # average the shards each rank holds
+            self.ema = EMAModel(trainable(self.generator), decay=self.ema_decay)
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.generator)
 
     def on_fit_start(self):
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -170,9 +192,9 @@ class DMDModule(pl.LightningModule):
             loss = loss + self.regression_weight * loss_reg
             logs["loss/regression"] = loss_reg.detach()
         self._check_finite(loss, "generator")
-        logs["grad_norm/generator"] = self._step(opt_g, sched_g, loss, trainable(self.generator))
+        logs["grad_norm/generator"] = self._step(opt_g, sched_g, loss)
         if self.ema is not None:
-            self.ema.step(trainable(self.generator))
+            self.ema.step(optimized(opt_g))
         self.generator_steps += 1
         return x.detach(), logs
 
@@ -193,8 +215,7 @@ class DMDModule(pl.LightningModule):
             loss = loss + self.gan_discriminator_weight * loss_d
             logs["loss/gan_discriminator"] = loss_d.detach()
         self._check_finite(loss, "fake score")
-        params = trainable(self.fake_score) + list(self._head_parameters())
-        logs["grad_norm/fake"] = self._step(opt_f, sched_f, loss, params)
+        logs["grad_norm/fake"] = self._step(opt_f, sched_f, loss)
         self.fake_steps += 1
         return logs
 
@@ -235,11 +256,10 @@ class DMDModule(pl.LightningModule):
                 "save) is a good state to resume from. Lower optim.lr_generator / optim.lr_fake or "
                 "raise optim.warmup_steps.")
 
-    def _step(self, optimizer, scheduler, loss, parameters):
+    def _step(self, optimizer, scheduler, loss):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        parameters = list(parameters)
-        norm = _grad_norm(parameters)  # logged before clipping: growth is the first sign of trouble
+        norm = _grad_norm(optimized(optimizer))  # logged before clipping: growth is the first sign of trouble
         self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         scheduler.step()
@@ -261,10 +281,14 @@ class DMDModule(pl.LightningModule):
                                       "fake_steps": self.fake_steps}
         checkpoint["dmd_rng_state"] = self.rng.get_state()
         # Every rank's stream (collective: all ranks save together, rank 0 writes the file).
-        checkpoint["dmd_rng_states"] = list(self.all_gather(self.rng.get_state().to(self.device)).reshape(
-            self.trainer.world_size, -1).cpu().unbind())
-        if self.ema is not None:
-            checkpoint["generator_ema"] = self.ema.state_dict()
+        gathered = self.all_gather(self.rng.get_state().to(self.device)).reshape(self.trainer.world_size, -1)
+        checkpoint["dmd_rng_states"] = [state.clone() for state in gathered.cpu()]  # own storage each
+        if self.ema is not None:  # whole tensors (sharded ones gathered: every rank takes part)
+            ema = self.ema.state_dict()
+            checkpoint["generator_ema"] = {**ema, "shadow_params": [
+                t.cpu() for t in gather_full(ema["shadow_params"])]}
+        if self.sharded:  # the strategy saves and reloads the whole module strictly, frozen parts too
+            return
         # The frozen teacher and the regression distance's network are not trained state.
         frozen = ("real_score.", "regression_distance.")
         for key in [k for k in checkpoint["state_dict"] if k.startswith(frozen)]:
@@ -284,21 +308,46 @@ class DMDModule(pl.LightningModule):
         if len(states) != self.trainer.world_size:
             raise ValueError(f"This checkpoint was written by {len(states)} process(es), this run has "
                              f"{self.trainer.world_size}: resume with the same number of devices x nodes.")
-        self.rng.set_state(states[self.global_rank])
+        self.rng.set_state(states[self.global_rank].clone())  # a view into a shared storage crashes it
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["generator_ema"])
+            self.ema.shadow_params = shard_like(self.ema.shadow_params, trainable(self.generator))
+        if self.sharded:  # the strategy has loaded the module's weights itself
+            return
         state = checkpoint["state_dict"]
         state.update({f"real_score.{k}": v for k, v in self.real_score.state_dict().items()})
         if isinstance(self.regression_distance, nn.Module):
             state.update({f"regression_distance.{k}": v
                           for k, v in self.regression_distance.state_dict().items()})
 
-    def release_generator(self) -> Generator:
-        """A copy of the generator with the EMA weights if EMA is on (the model to release)."""
+    def release_generator(self) -> Generator | None:
+        """A copy of the generator with the EMA weights if EMA is on (the model to release), on
+        rank 0; None on the other ranks. Collective: under FSDP every rank must call it (the
+        shards are gathered to rank 0)."""
+        if self.sharded:
+            return self._gather_generator()
+        if self.global_rank != 0:
+            return None
         released = copy.deepcopy(self.generator)
         if self.ema is not None:
             self.ema.copy_to(trainable(released))
         return released.eval()
+
+    def _gather_generator(self) -> Generator | None:
+        state = full_state_dict(self.generator)
+        if self.ema is not None:
+            names = [n for n, p in self.generator.named_parameters() if p.requires_grad]
+            averaged = [t.cpu() for t in gather_full(self.ema.shadow_params)]
+            state.update(dict(zip(names, averaged)) if self.global_rank == 0 else {})
+        if self.global_rank != 0:
+            return None
+        return materialize(self._release_template[0], state).to(self.device).eval()
+
+
+def optimized(optimizer) -> list[nn.Parameter]:
+    """The parameters an optimizer updates (under FSDP: the shards, whatever state the module's
+    forward has left its parameter attributes in)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -37,12 +37,12 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
+        if last.exists():
             log.info("Resuming from %s", last)
             return str(last)
         log.info("ckpt_path=last but %s does not exist yet: starting fresh.", last)
         return None
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():  # a file, or a folder of shards (trainer=fsdp)
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; use 'last' or a .ckpt file.")
     return ckpt_path
 

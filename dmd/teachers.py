@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dmd.denoisers import Denoiser, DiffusersUNetDenoiser, GaussianMixtureDenoiser
 from dmd.schedule import VPSchedule
@@ -72,7 +73,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
-        t = tensor.detach().cpu().contiguous()
+        t = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its raw bytes
             t = t.reshape(-1).view(torch.uint8)
         h.update(t.numpy().tobytes())

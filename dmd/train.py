@@ -127,6 +127,7 @@ def rank_states(module: DMDModule) -> list[dict]:
 
     import torch.distributed as dist
 
+    # Under FSDP the digest is of this rank's shard of the generator.
     mine = {"rank": module.global_rank, "generator_sha256": weights_digest(module.generator),
             "backward_simulation_sha256": module.backward_simulation_trace.hexdigest(),
             "rng_state_sha256": hashlib.sha256(module.rng.get_state().numpy().tobytes()).hexdigest()}
@@ -168,14 +169,16 @@ def train(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, out_dir, callbacks)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    ranks = rank_states(module)  # collective: every rank takes part
+    ranks = rank_states(module)  # collectives: every rank takes part
+    released = module.release_generator()
     if not trainer.is_global_zero:  # rank 0 releases the generator and writes the record
         return out_dir
-    require(all(r["generator_sha256"] == ranks[0]["generator_sha256"] for r in ranks),
+    # Replicas (DDP) must agree; FSDP's shards are one copy by construction.
+    require(module.sharded or all(r["generator_sha256"] == ranks[0]["generator_sha256"] for r in ranks),
             f"The generator weights differ between ranks after training ({ranks}): gradients were "
             "not synchronised. Nothing was released; report this with the trainer strategy used.")
 
-    folder = save_generator(module.release_generator(), init, out_dir / "generator")
+    folder = save_generator(released, init, out_dir / "generator")
     generator, info = load_generator(folder)  # round trip: what `dmd.sample ckpt=` will load
     samples, _ = sample_generator(generator, info, cfg.eval.grid_size, seed=cfg.eval.seed, progress=False)
     save_sample_grid(info.to_images(samples), out_dir / "samples.png")

@@ -16,8 +16,10 @@ Bytes per parameter (this implementation):
                           + 16 per adapter weight
     DDP                   + 4 per trained parameter: DDP's gradient buckets (a second copy of the
                           gradients unless gradient_as_bucket_view)
-    FSDP (full shard)     trained states and weights divided over the GPUs (an estimate of what
-                          sharding would give: FSDP is not wired into dmd yet; DDP is)
+    FSDP (trainer=fsdp)   the generator's and fake score's weights, gradients and AdamW states
+                          divided over the GPUs (dmd.sharding: one FSDP unit per residual or transformer block); the
+                          frozen teacher stays whole on every GPU; + the largest unit gathered
+                          whole in float32, twice (the running unit and the prefetched next one)
     LoRA rows             adapters on both the generator and the fake score
 
 Activations are NOT included: they depend on resolution, batch, gradient checkpointing and
@@ -52,17 +54,24 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
 GIB = 1024 ** 3
 
 
-def parameter_counts(unet_config: dict, lora_rank: int) -> tuple[int, int]:
-    """(UNet parameters, LoRA adapter parameters at ``lora_rank``), counted on the meta device."""
+def parameter_counts(unet_config: dict, lora_rank: int) -> tuple[int, int, int]:
+    """(UNet parameters, LoRA adapter parameters at ``lora_rank``, parameters of the largest
+    FSDP unit), counted on the meta device."""
     from diffusers import UNet2DConditionModel
 
+    from dmd.sharding import blocks
     from dmd.t2i.lora import add_lora
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
-        base = sum(p.numel() for p in unet.parameters())
+        base = count(unet)
+        units = [count(b) for b in blocks(unet)]
         add_lora(unet, lora_rank)
-    return base, sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    units.append(base - sum(units))  # the root unit: what no block holds
+    return base, sum(p.numel() for p in unet.parameters() if p.requires_grad), max(units)
 
 
 def vae_parameters() -> int:
@@ -72,9 +81,9 @@ def vae_parameters() -> int:
         return sum(p.numel() for p in AutoencoderKL(**VAE).parameters())
 
 
-def static_gib(base: int, lora: int, vae: int, mode: str, shard: int, ema: bool) -> dict:
+def static_gib(base: int, lora: int, vae: int, unit: int, mode: str, shard: int, ema: bool) -> dict:
     """GiB per GPU of each resident network for one setting (``shard`` = FSDP world size, 1 = DDP)."""
-    teacher = 2 * base / shard
+    teacher = 2 * base  # replicated: rank 0 alone samples it for evaluation references
     buckets = 4 if shard == 1 else 0  # DDP's gradient buckets
     if mode == "full":
         trained = (16 + 4 * ema + buckets) * base / shard
@@ -82,7 +91,9 @@ def static_gib(base: int, lora: int, vae: int, mode: str, shard: int, ema: bool)
     else:
         trained = (4 * base + (16 + 4 * ema + buckets) * lora) / shard
         fake = (4 * base + (16 + buckets) * lora) / shard
-    parts = {"teacher (bf16)": teacher, "generator": trained, "fake score": fake, "VAE (fp32)": 4 * vae}
+    gathered = 2 * 4 * unit if shard > 1 else 0
+    parts = {"teacher (bf16)": teacher, "generator": trained, "fake score": fake,
+             "FSDP gathered units": gathered, "VAE (fp32)": 4 * vae}
     return {k: v / GIB for k, v in parts.items()}
 
 
@@ -93,16 +104,16 @@ def main() -> None:
     p.add_argument("--out", default="experiments/results/memory_recipe.md")
     args = p.parse_args()
     vae = vae_parameters()
-    lines = ["| model | training | sharding | teacher | generator | fake score | VAE (decoding) | total static GiB/GPU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | training | sharding | teacher | generator | fake score | gathered units | VAE (decoding) "
+             "| total static GiB/GPU |", "|---|---|---|---|---|---|---|---|---|"]
     counts = []
     for name, config in UNETS.items():
-        base, lora = parameter_counts(config, args.lora_rank)
+        base, lora, unit = parameter_counts(config, args.lora_rank)
         counts.append(f"{name} UNet {base / 1e6:.1f} M parameters, LoRA rank {args.lora_rank} "
-                      f"adapters {lora / 1e6:.1f} M")
+                      f"adapters {lora / 1e6:.1f} M, largest FSDP unit {unit / 1e6:.1f} M")
         for mode in ("full", f"LoRA r{args.lora_rank}"):
             for shard, label in ((1, "DDP"), (args.gpus, f"FSDP x{args.gpus}")):
-                g = static_gib(base, lora, vae, "full" if mode == "full" else "lora", shard, ema=False)
+                g = static_gib(base, lora, vae, unit, "full" if mode == "full" else "lora", shard, ema=False)
                 cells = [f"{v:.1f}" for v in g.values()]
                 lines.append(f"| {name} | {mode} | {label} | " + " | ".join(cells) + f" | {sum(g.values()):.1f} |")
     text = ("# Static memory per GPU, DMD2 (weights + gradients + AdamW states; activations not included)\n\n"

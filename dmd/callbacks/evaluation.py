@@ -89,10 +89,11 @@ class EvaluationCallback(pl.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer, pl_module) -> dict:
+        step, iteration = pl_module.generator_steps, pl_module.iteration
+        generator = pl_module.release_generator()  # under FSDP a collective: every rank calls it
+        self.last_step = step  # on every rank: all of them must take part in the same evaluations
         if trainer.global_rank != 0:
             return {}
-        step, iteration = pl_module.generator_steps, pl_module.iteration
-        generator = pl_module.release_generator()
         samples, labels = sample_generator(generator, pl_module.teacher, self.num_samples,
                                            seed=self.seed, batch_size=self.batch_size,
                                            device=pl_module.device, progress=False)
@@ -124,7 +125,7 @@ class EvaluationCallback(pl.Callback):
             if hasattr(logger, "log_table"):
                 logger.log_table(f"eval/metrics_step_{step}", columns=["metric", "value"],
                                  data=table, step=trainer.global_step)
-        self.last_step, self.latest = step, metrics
+        self.latest = metrics
         log.info("Evaluation at generator step %d: %s", step,
                  {k: round(v, 4) for k, v in metrics.items() if _scalar(v)})
         return metrics

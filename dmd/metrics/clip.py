@@ -93,7 +93,9 @@ class CLIPScorer:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
         self.model_name = str(model)
-        self.metric = CLIPScore(model_name_or_path=clip_loader(model))
+        # Scores are computed by one process (rank 0 evaluates while the others wait): never wait
+        # for the other ranks' states, which would deadlock a multi-GPU run.
+        self.metric = CLIPScore(model_name_or_path=clip_loader(model), sync_on_compute=False)
         if device:
             self.metric = self.metric.to(device)
         self.batch_size = batch_size
