@@ -28,3 +28,53 @@ def save_safetensors(tensors: dict, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         save_file(tensors, tmp)
+
+
+def save_arrays(chunks, folder: str | Path, what: str = "rows") -> Path:
+    """Write a stream of ``{name: tensor}`` batches as one raw row-major file per name (rows of
+    all batches in order) + ``arrays.json`` (dtypes, shapes), holding one batch in memory at a
+    time. Written into a temporary folder renamed when complete (a folder another process
+    completed first is kept; an empty stream is an error naming ``what``). Read back with
+    :func:`load_arrays`."""
+    import json
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta: dict = {}
+    try:
+        for chunk in chunks:
+            for name, tensor in chunk.items():
+                array = tensor.detach().cpu().contiguous().numpy()
+                with open(tmp / f"{name}.bin", "ab") as f:
+                    array.tofile(f)
+                rows = meta.get(name, {}).get("shape", [0])[0] + array.shape[0]
+                meta[name] = {"dtype": array.dtype.str, "shape": [rows, *array.shape[1:]]}
+        if not meta:
+            raise ValueError(f"No {what} to cache at {folder}.")
+        (tmp / "arrays.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # completed meanwhile by another process: same content
+            if not (folder / "arrays.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_arrays(folder: str | Path) -> dict:
+    """The tensors of :func:`save_arrays`, memory-mapped: rows are read from disk when indexed,
+    and processes reading the same folder share the pages (no copy per rank or worker)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    folder = Path(folder)
+    meta = json.loads((folder / "arrays.json").read_text())
+    return {name: torch.from_numpy(np.memmap(folder / f"{name}.bin", dtype=np.dtype(m["dtype"]), mode="c",
+                                             shape=tuple(m["shape"])))
+            for name, m in meta.items()}

@@ -35,7 +35,15 @@ from dmd.losses import (
     gan_generator_loss,
     regression_loss,
 )
-from dmd.sharding import full_state_dict, gather_full, is_sharded, materialize, meta_copy, shard_like, shard_networks
+from dmd.sharding import (
+    full_state_dict,
+    gather_full,
+    is_sharded,
+    materialize,
+    meta_copy,
+    shard_like,
+    shard_networks,
+)
 from dmd.teachers import Teacher
 
 RANK_SEED_STRIDE = 1_000_003

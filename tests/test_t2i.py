@@ -173,13 +173,15 @@ def test_memory_recipe_counts_the_published_unets_exactly():
     spec = importlib.util.spec_from_file_location("memory_recipe", ROOT / "experiments" / "memory_recipe.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    base, lora = recipe.parameter_counts(recipe.UNETS["SD1.5"], lora_rank=4)
+    base, lora, unit = recipe.parameter_counts(recipe.UNETS["SD1.5"], lora_rank=4)
     assert base == 859_520_964  # SD1.5's UNet, as published
-    assert 0 < lora < base / 100
-    ddp = recipe.static_gib(base, lora, 0, "full", shard=1, ema=False)
+    assert 0 < lora < base / 100 and 0 < unit < base / 5
+    ddp = recipe.static_gib(base, lora, 0, unit, "full", shard=1, ema=False)
     assert ddp["generator"] == pytest.approx(20 * base / 1024 ** 3)  # 16 B/param + DDP's buckets
-    sharded = recipe.static_gib(base, lora, 0, "full", shard=8, ema=False)
+    sharded = recipe.static_gib(base, lora, 0, unit, "full", shard=8, ema=False)
     assert sharded["generator"] == pytest.approx(16 * base / 8 / 1024 ** 3)
+    assert sharded["teacher (bf16)"] == ddp["teacher (bf16)"]  # the frozen teacher is not sharded
+    assert sharded["FSDP gathered units"] == pytest.approx(8 * unit / 1024 ** 3)
 
 
 @pytest.fixture
@@ -235,3 +237,41 @@ def test_webdataset_shards_serve_as_real_images(tmp_path, pipelines, unpaired_pr
     assert torch.allclose(shards, folder.train_set.latents[:6], atol=1e-5)  # the same pixels as the files
     with pytest.raises(FileNotFoundError, match="shard"):
         PromptDataModule(str(prompts), pipelines["sd15"].path, shards=str(tmp_path / "none-{0..1}.tar")).setup()
+
+
+def test_prompt_data_is_encoded_once_per_node_and_read_memory_mapped(tmp_path, pipelines, monkeypatch):
+    """prepare_data (one process per node) runs the encoders; setup on every rank only maps the
+    caches it names, and they hold what the encoders answer."""
+    import types
+
+    import diffusers
+
+    from dmd.data.prompts import PromptDataModule
+    from dmd.t2i.text import PromptEncoder
+
+    path = pipelines["sdxl"].path
+    data = PromptDataModule(str(TINY_DATA), path, batch_size=4, cache_dir=str(tmp_path))
+    data.prepare_data()
+    rank1 = PromptDataModule(str(TINY_DATA), path, batch_size=4, cache_dir=str(tmp_path))
+    rank1.trainer = types.SimpleNamespace()  # inside a Trainer: prepare_data ran elsewhere
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("setup loaded a model")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", no_models)
+    monkeypatch.setattr(PromptEncoder, "from_pretrained", no_models)
+    rank1.setup()
+    monkeypatch.undo()
+    cond = rank1.train_set.cond
+    hidden = cond["encoder_hidden_states"]
+    # The tensor's memory is the cache file mapped into this process (Linux: /proc/self/maps).
+    maps = [line.split() for line in open("/proc/self/maps")]
+    assert any(len(m) > 5 and m[5].endswith("encoder_hidden_states.bin")
+               and int(m[0].split("-")[0], 16) <= hidden.data_ptr() < int(m[0].split("-")[1], 16) for m in maps)
+    prompts, _ = read_prompts(TINY_DATA)
+    expected = PromptEncoder.from_pretrained(path, image_size=32)(prompts)
+    torch.testing.assert_close(hidden, expected["encoder_hidden_states"])
+    torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"], expected["added_cond_kwargs"]["text_embeds"])
+    real, batch_cond = next(iter(rank1.train_dataloader()))
+    assert real.shape == (4, 4, 16, 16) and real.abs().sum() > 0  # the paired images' latents
+    assert batch_cond["added_cond_kwargs"]["time_ids"].shape == (4, 6)

@@ -2,7 +2,10 @@
 
 Batches are (real latents, condition): the condition is the prompt's text embedding dict
 (:mod:`dmd.t2i.text`), computed once for the whole prompt file and cached; real images from
-``images`` (a folder) are VAE-encoded once and cached as latents. Prompt files:
+``images`` (a folder) are VAE-encoded once and cached as latents. Under a Trainer the encoding
+happens in ``prepare_data`` (one process per node); every rank then reads the caches
+memory-mapped (:func:`dmd.files.load_arrays`), so no rank holds the whole set in memory.
+Prompt files:
 
 - ``.txt``: one prompt per line (blank lines skipped);
 - ``.jsonl``: one JSON object per line with ``prompt`` (or ``caption`` / ``text``) and
@@ -33,6 +36,7 @@ from torch.utils.data import Dataset
 
 from dmd.conditioning import select_condition
 from dmd.data.loaders import resumable_loader
+from dmd.files import atomic_path
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -163,38 +167,64 @@ class PromptDataModule(pl.LightningDataModule):
         self.has_real_images = bool(images or latents or shards) or all(paired)
         self.train_set = None
 
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node before any setup: the text encoders and
+        # the VAE run there only, and the other ranks read the caches this leaves.
+        record = self._encode()
+        with atomic_path(self._record_path()) as tmp:
+            tmp.write_text(json.dumps(record))
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        from dmd.conditioning import unflatten_condition
+        from dmd.files import load_arrays
+
+        # Inside a Trainer, prepare_data has just written the record; used alone, encode here.
+        record = json.loads(self._record_path().read_text()) if self.trainer is not None else self._encode()
+        cond = unflatten_condition(load_arrays(record["embeddings"]))
+        if record["latents"] is None:  # placeholders of the latent shape: never shown to a discriminator
+            latents = torch.zeros(1, *record["shape"])
+        elif record["latents"].endswith(".safetensors"):
+            latents = self._pre_encoded(tuple(record["shape"]))
+        else:
+            latents = load_arrays(record["latents"])["latents"]
+        index = [i % latents.shape[0] for i in range(len(self.prompts))]  # cycle the shorter list
+        self.train_set = _PromptLatents(cond, latents, index)
+
+    def _record_path(self) -> Path:
+        """Where prepare_data tells the other ranks which caches hold this data."""
+        key = json.dumps([str(Path(self.prompts_path).expanduser().resolve()), self.pipeline, self.images,
+                          self.latents, self.shards, self.image_size])
+        return self.cache_dir / "prompt_data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def _encode(self) -> dict:
+        """Encode (or find cached) prompt embeddings and real-image latents; returns where they are."""
         from diffusers import AutoencoderKL
 
-        from dmd.t2i.text import PromptEncoder, cached_conditions
+        from dmd.t2i.text import PromptEncoder, cache_embeddings
 
         vae = AutoencoderKL.from_pretrained(self.pipeline, subfolder="vae").eval()
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         size = self.image_size or vae.config.sample_size
         encoder = PromptEncoder.from_pretrained(self.pipeline, image_size=size)
-        cond = cached_conditions(encoder, self.prompts, self.cache_dir)
+        embeddings = cache_embeddings(encoder, self.prompts, self.cache_dir)
         del encoder  # the embeddings are all training needs of the text encoders
         shape = (vae.config.latent_channels, size // factor, size // factor)
+        latents = None
         if self.latents:
-            latents = self._pre_encoded(shape)
-            index = [i % latents.shape[0] for i in range(len(self.prompts))]
+            self._pre_encoded(shape)  # checked now, loaded by every rank
+            latents = str(Path(self.latents).expanduser())
         elif self.shards:
             files = shard_files(self.shards)
             latents = self._latents(vae, files, size, lambda: shard_images(files))
-            index = [i % latents.shape[0] for i in range(len(self.prompts))]
         elif self.has_real_images:
             from PIL import Image
 
             files = ([p for p in self.paired] if all(p is not None for p in self.paired)
                      else image_files(self.images))
             latents = self._latents(vae, files, size, lambda: (Image.open(f) for f in files))
-            index = [i % len(files) for i in range(len(self.prompts))]
-        else:  # placeholders of the latent shape: never shown to a discriminator
-            latents = torch.zeros(1, *shape)
-            index = [0] * len(self.prompts)
-        self.train_set = _PromptLatents(cond, latents, index)
+        return {"embeddings": str(embeddings), "latents": latents and str(latents), "shape": list(shape)}
 
     def _pre_encoded(self, shape: tuple) -> torch.Tensor:
         from safetensors import SafetensorError
@@ -211,30 +241,31 @@ class PromptDataModule(pl.LightningDataModule):
                              f"pipeline's VAE makes {shape} at this data.image_size.")
         return latents.float()
 
-    def _latents(self, vae, files: list[Path], size: int, images) -> torch.Tensor:
-        """VAE latents (posterior mean x scaling factor) of ``images()`` (PIL images read from
-        ``files``), cached by the files' identity, the VAE and the size."""
-        from safetensors.torch import load_file
+    def _latents(self, vae, files: list[Path], size: int, images) -> Path:
+        """Cache folder of the VAE latents (posterior mean x scaling factor) of ``images()`` (PIL
+        images read from ``files``), keyed by the files' identity, the VAE and the size."""
+        from tqdm.auto import tqdm
 
-        from dmd.files import save_safetensors
+        from dmd.files import save_arrays
         from dmd.teachers import weights_digest
 
         h = hashlib.sha256(f"{weights_digest(vae)}{size}".encode())
         for f in files:
             h.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-        path = self.cache_dir / "latents" / f"{h.hexdigest()[:16]}.safetensors"
-        if path.is_file():
-            return load_file(path)["latents"]
-        chunks, stream = [], iter(images())
-        with torch.no_grad():  # 16 images at a time: the images are never all held as pixels
-            while chunk := list(itertools.islice(stream, 16)):
-                chunks.append(vae.encode(to_tensors(chunk, size)).latent_dist.mean)
-        if not chunks:
-            raise ValueError(f"No images found in {files[0].parent} ({len(files)} file(s)).")
-        latents = torch.cat(chunks) * vae.config.scaling_factor
-        save_safetensors({"latents": latents.contiguous()}, path)
-        log.info("Real images: %d encoded to latents and cached at %s", latents.shape[0], path)
-        return latents
+        folder = self.cache_dir / "latents" / h.hexdigest()[:16]
+        if (folder / "arrays.json").is_file():
+            return folder
+        stream = iter(images())
+
+        def encoded():  # 16 images at a time: the images are never all held as pixels or latents
+            with torch.no_grad():
+                while chunk := list(itertools.islice(stream, 16)):
+                    yield {"latents": vae.encode(to_tensors(chunk, size)).latent_dist.mean * vae.config.scaling_factor}
+
+        save_arrays(tqdm(encoded(), desc="Encoding real images", unit="x16"), folder,
+                    what=f"images in {files[0].parent} ({len(files)} file(s))")
+        log.info("Real images: encoded to latents and cached at %s", folder)
+        return folder
 
     def train_dataloader(self):
         return resumable_loader(self.train_set, self.batch_size, self.seed, num_workers=self.num_workers,

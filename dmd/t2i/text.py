@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dmd.conditioning import concat_conditions, flatten_condition, unflatten_condition
+from dmd.conditioning import concat_conditions, flatten_condition
 from dmd.teachers import weights_digest
 
 log = logging.getLogger(__name__)
@@ -103,21 +103,24 @@ def _has_subfolder(path: str, name: str) -> bool:
         return isinstance(try_to_load_from_cache(path, f"{name}/config.json"), str)
 
 
-def cached_conditions(encoder: PromptEncoder, prompts: list[str], cache_dir: str | Path) -> dict:
-    """``encoder(prompts)``, computed once per (encoders, prompt list) and kept as safetensors
-    under ``<cache_dir>/prompt_embeddings/``."""
-    from safetensors.torch import load_file
+def cache_embeddings(encoder: PromptEncoder, prompts: list[str], cache_dir: str | Path,
+                     chunk: int = 1024) -> Path:
+    """Folder of ``encoder(prompts)`` (flattened, :func:`dmd.files.save_arrays`), computed once
+    per (encoders, prompt list) under ``<cache_dir>/prompt_embeddings/``. Read it memory-mapped
+    (:func:`dmd.files.load_arrays`): a LAION-sized prompt list is never held in memory, nor
+    copied per rank."""
+    from tqdm.auto import tqdm
 
-    from dmd.files import save_safetensors
+    from dmd.files import save_arrays
 
     key = hashlib.sha256((encoder.digest + json.dumps(list(prompts))).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "prompt_embeddings" / f"{key}.safetensors"
-    if path.is_file():
-        log.info("Prompt embeddings: reusing %s", path)
-        return unflatten_condition(load_file(path))
-    cond = encoder(list(prompts))
-    save_safetensors({k: v.contiguous() for k, v in flatten_condition(cond).items()}, path)
-    log.info("Prompt embeddings: %d prompts encoded and cached at %s", len(prompts), path)
-    return cond
-
-
+    folder = Path(cache_dir) / "prompt_embeddings" / key
+    if (folder / "arrays.json").is_file():
+        log.info("Prompt embeddings: reusing %s", folder)
+        return folder
+    starts = range(0, len(prompts), chunk)
+    save_arrays((flatten_condition(encoder(list(prompts[i:i + chunk])))
+                 for i in tqdm(starts, desc="Encoding prompts", unit="chunk", disable=len(starts) < 2)),
+                folder, what="prompts")
+    log.info("Prompt embeddings: %d prompts encoded and cached at %s", len(prompts), folder)
+    return folder
