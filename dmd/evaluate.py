@@ -1,6 +1,7 @@
 """``python -m dmd.evaluate``: score a teacher sampler or a distilled generator.
 
     python -m dmd.evaluate ckpt=<train run dir | generator folder>     # a distilled generator
+                                   # (a run dir brings its teacher, data and eval preset)
     python -m dmd.evaluate sampler=heun sampler.steps=8 sampler.guidance_scale=2.0  # the teacher
 
 Draws ``eval.num_samples`` samples (seeded noise, class-balanced labels), scores them with the
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmd.generator import Generator, load_generator
 from dmd.latency import device_name, latency_ms_per_image
 from dmd.provenance import run_provenance
-from dmd.runs import require, run_dir, save_resolved_config
+from dmd.runs import job_overrides, require, run_dir, save_resolved_config
 from dmd.sample import default_device, draw_samples, generator_sampling_fn, teacher_sampling_fn
 from dmd.sampling import SAMPLERS, nfe
 from dmd.teachers import Teacher
@@ -157,9 +158,37 @@ def run(cfg: DictConfig) -> Path:
     return out_dir
 
 
+def with_run_settings(cfg: DictConfig) -> DictConfig:
+    """``ckpt=<dmd.train run dir>``: score the generator with the run's own evaluation preset,
+    teacher and data (a text-to-image run needs its pipeline and prompts), unless the command
+    line picks them (``eval=``, ``teacher=``/``teacher.*``, ``data=``/``data.*``). The preset is
+    composed as if given on the command line, so ``eval.num_samples`` keeps this command's
+    default; teacher and data are the run's resolved settings."""
+    from hydra import compose
+
+    run = Path(str(cfg.ckpt)).expanduser() if cfg.ckpt else None
+    if run is None or not (run / "config_resolved.yaml").is_file() or not (run / ".hydra" / "hydra.yaml").is_file():
+        return cfg  # the teacher itself, or a bare generator folder
+    overrides = job_overrides()
+    picked = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    trained = OmegaConf.load(run / "config_resolved.yaml")
+    preset = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices.get("eval")
+    adopted = []
+    if preset and "eval" not in picked:
+        cfg = compose("evaluate", overrides=[f"eval={preset}", *overrides])
+        adopted.append(f"eval={preset}")
+    for group in ("teacher", "data"):
+        if group in trained and not any(p == group or p.startswith(group + ".") for p in picked):
+            cfg[group] = trained[group]
+            adopted.append(group)
+    if adopted:
+        log.info("Evaluating %s with the run's %s (pick others on the command line).", run, ", ".join(adopted))
+    return cfg
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(with_run_settings(cfg))
 
 
 if __name__ == "__main__":

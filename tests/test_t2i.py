@@ -82,7 +82,8 @@ def test_t2i_tiny_trains_and_releases_a_pipeline(cli, tmp_path, kind, lora):
     released = image(pipeline_class.from_pretrained(run / "generator"))
     assert released.shape == (1, 3, 32, 32)
     if (kind, lora) == ("sd15", 0):  # dmd.evaluate scores the released generator the same way
-        cli("dmd.evaluate", f"ckpt={run}", "teacher=t2i_tiny", "eval=t2i_tiny", "eval.num_samples=16",
+        # The run dir brings its teacher (pipeline), data and evaluation preset.
+        cli("dmd.evaluate", f"ckpt={run}", "eval.num_samples=16",
             "latency.batch_sizes=[1]", "latency.repeats=2", f"paths.cache_dir={tmp_path}/cache",
             f"hydra.run.dir={tmp_path}/evaluate")
         scored = json.loads((tmp_path / "evaluate" / "results.json").read_text())
