@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dmd.generator import Generator, load_generator
 from dmd.latency import device_name, latency_ms_per_image
@@ -181,6 +181,11 @@ def with_run_settings(cfg: DictConfig) -> DictConfig:
         if group in trained and not any(p == group or p.startswith(group + ".") for p in picked):
             cfg[group] = trained[group]
             adopted.append(group)
+    guidance = OmegaConf.select(trained, "algorithm.guidance_scale")
+    if guidance is not None and not picked & {"algorithm.guidance_scale", "sampler.guidance_scale"}:
+        with open_dict(cfg):  # eval presets read the teacher reference's CFG from algorithm.*
+            cfg.algorithm = {"guidance_scale": guidance}
+        adopted.append(f"guidance scale {guidance:g}")
     if adopted:
         log.info("Evaluating %s with the run's %s (pick others on the command line).", run, ", ".join(adopted))
     return cfg

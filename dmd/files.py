@@ -50,8 +50,11 @@ def save_arrays(chunks, folder: str | Path, what: str = "rows") -> Path:
                 array = tensor.detach().cpu().contiguous().numpy()
                 with open(tmp / f"{name}.bin", "ab") as f:
                     array.tofile(f)
-                rows = meta.get(name, {}).get("shape", [0])[0] + array.shape[0]
-                meta[name] = {"dtype": array.dtype.str, "shape": [rows, *array.shape[1:]]}
+                seen = meta.get(name, {"dtype": array.dtype.str, "shape": [0, *array.shape[1:]]})
+                if seen["dtype"] != array.dtype.str or seen["shape"][1:] != list(array.shape[1:]):
+                    raise ValueError(f"{name}: a batch of {array.dtype} rows {tuple(array.shape[1:])} "
+                                     f"after {seen['dtype']} rows {tuple(seen['shape'][1:])}.")
+                meta[name] = {"dtype": array.dtype.str, "shape": [seen["shape"][0] + array.shape[0], *array.shape[1:]]}
         if not meta:
             raise ValueError(f"No {what} to cache at {folder}.")
         (tmp / "arrays.json").write_text(json.dumps(meta, indent=1))

@@ -38,6 +38,7 @@ from dmd.losses import (
 from dmd.sharding import (
     full_state_dict,
     gather_full,
+    gather_to_cpu,
     is_sharded,
     materialize,
     meta_copy,
@@ -291,10 +292,10 @@ class DMDModule(pl.LightningModule):
         # Every rank's stream (collective: all ranks save together, rank 0 writes the file).
         gathered = self.all_gather(self.rng.get_state().to(self.device)).reshape(self.trainer.world_size, -1)
         checkpoint["dmd_rng_states"] = [state.clone() for state in gathered.cpu()]  # own storage each
-        if self.ema is not None:  # whole tensors (sharded ones gathered: every rank takes part)
+        if self.ema is not None:  # whole, on rank 0 (it writes the file); sharded: every rank gathers
             ema = self.ema.state_dict()
-            checkpoint["generator_ema"] = {**ema, "shadow_params": [
-                t.cpu() for t in gather_full(ema["shadow_params"])]}
+            checkpoint["generator_ema"] = {**ema, "shadow_params": gather_to_cpu(
+                ema["shadow_params"], keep=self.global_rank == 0)}
         if self.sharded:  # the strategy saves and reloads the whole module strictly, frozen parts too
             return
         # The frozen teacher and the regression distance's network are not trained state.
@@ -345,8 +346,8 @@ class DMDModule(pl.LightningModule):
         state = full_state_dict(self.generator)
         if self.ema is not None:
             names = [n for n, p in self.generator.named_parameters() if p.requires_grad]
-            averaged = [t.cpu() for t in gather_full(self.ema.shadow_params)]
-            state.update(dict(zip(names, averaged)) if self.global_rank == 0 else {})
+            averaged = gather_to_cpu(self.ema.shadow_params, keep=self.global_rank == 0)
+            state.update(zip(names, averaged))
         if self.global_rank != 0:
             return None
         return materialize(self._release_template[0], state).to(self.device).eval()

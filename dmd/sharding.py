@@ -17,6 +17,9 @@ the generator from rank 0 into an ordinary module made by :func:`meta_copy`.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from pathlib import Path
 
 import torch
 from pytorch_lightning.strategies import ModelParallelStrategy
@@ -35,6 +38,34 @@ class FullyShardedStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """Shards are written into a sibling folder that then replaces the checkpoint, so a job
+        killed while saving leaves the previous checkpoint whole (never new weights beside old
+        counters)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        if self.global_rank == 0:
+            _remove(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()  # every rank's shard is written
+        if self.global_rank == 0:
+            _remove(old)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        self.barrier()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def blocks(network: nn.Module) -> list[nn.Module]:
@@ -95,6 +126,18 @@ def materialize(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
 def gather_full(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Whole tensors (every rank gets them) from sharded DTensors; others pass through."""
     return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def gather_to_cpu(tensors: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
+    """Whole CPU copies of (possibly sharded) tensors where ``keep`` (e.g. on rank 0), an empty
+    list elsewhere. Collective for DTensors; one tensor is whole on the device at a time."""
+    out = []
+    for t in tensors:
+        whole = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        if keep:
+            out.append(whole.cpu())
+        del whole
+    return out
 
 
 def shard_like(tensors: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

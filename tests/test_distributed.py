@@ -60,8 +60,10 @@ def test_fully_sharded_training_matches_ddp_and_resumes_from_its_shards(cli, ddp
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2 and (ckpt / "meta.pt").is_file()
     ddp_copy = tmp_path / "ddp"
     shutil.copytree(ddp_run, ddp_copy)
-    cli("dmd.train", *GMM, "trainer=fsdp_cpu", "max_iterations=15", f"hydra.run.dir={run}")
-    cli("dmd.train", *GMM, "trainer=ddp_cpu", "max_iterations=15", f"hydra.run.dir={ddp_copy}")
+    for strategy, folder in (("fsdp_cpu", run), ("ddp_cpu", ddp_copy)):
+        proc = cli("dmd.train", *GMM, f"trainer={strategy}", "max_iterations=15", f"hydra.run.dir={folder}")
+        assert f"Resuming from {folder / 'checkpoints' / 'last.ckpt'}" in proc.stdout + proc.stderr
+    assert not list((run / "checkpoints").glob("last.ckpt.*"))  # the sharded save's temporary folders
     resumed = json.loads((run / "results.json").read_text())
     assert resumed["iterations"] == 15 and resumed["generator_steps"] == 3
     fsdp, ddp = released_weights(run), released_weights(ddp_copy)

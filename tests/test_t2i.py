@@ -247,14 +247,17 @@ def test_prompt_data_is_encoded_once_per_node_and_read_memory_mapped(tmp_path, p
 
     import diffusers
 
+    from dmd.conditioning import unflatten_condition
     from dmd.data.prompts import PromptDataModule
-    from dmd.t2i.text import PromptEncoder
+    from dmd.files import load_arrays
+    from dmd.t2i.text import PromptEncoder, cache_embeddings
 
     path = pipelines["sdxl"].path
     data = PromptDataModule(str(TINY_DATA), path, batch_size=4, cache_dir=str(tmp_path))
+    data.trainer = types.SimpleNamespace(default_root_dir=str(tmp_path / "run"))
     data.prepare_data()
     rank1 = PromptDataModule(str(TINY_DATA), path, batch_size=4, cache_dir=str(tmp_path))
-    rank1.trainer = types.SimpleNamespace()  # inside a Trainer: prepare_data ran elsewhere
+    rank1.trainer = data.trainer  # inside the same Trainer (run dir): prepare_data ran elsewhere
 
     def no_models(*args, **kwargs):
         raise AssertionError("setup loaded a model")
@@ -273,6 +276,10 @@ def test_prompt_data_is_encoded_once_per_node_and_read_memory_mapped(tmp_path, p
     expected = PromptEncoder.from_pretrained(path, image_size=32)(prompts)
     torch.testing.assert_close(hidden, expected["encoder_hidden_states"])
     torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"], expected["added_cond_kwargs"]["text_embeds"])
+    # Written a few prompts at a time (a large file never is in memory whole): the same rows.
+    chunked = unflatten_condition(load_arrays(cache_embeddings(PromptEncoder.from_pretrained(path, image_size=32),
+                                                               prompts, tmp_path / "chunked", chunk=5)))
+    torch.testing.assert_close(chunked["encoder_hidden_states"], hidden, rtol=0, atol=0)
     real, batch_cond = next(iter(rank1.train_dataloader()))
     assert real.shape == (4, 4, 16, 16) and real.abs().sum() > 0  # the paired images' latents
     assert batch_cond["added_cond_kwargs"]["time_ids"].shape == (4, 6)

@@ -171,21 +171,27 @@ class PromptDataModule(pl.LightningDataModule):
         # Lightning calls this on one process per node before any setup: the text encoders and
         # the VAE run there only, and the other ranks read the caches this leaves.
         record = self._encode()
-        with atomic_path(self._record_path()) as tmp:
-            tmp.write_text(json.dumps(record))
+        if self.trainer is not None:
+            with atomic_path(self._record_path()) as tmp:
+                tmp.write_text(json.dumps(record))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from dmd.conditioning import unflatten_condition
+        from dmd.conditioning import flatten_condition, unflatten_condition
         from dmd.files import load_arrays
 
         # Inside a Trainer, prepare_data has just written the record; used alone, encode here.
         record = json.loads(self._record_path().read_text()) if self.trainer is not None else self._encode()
         cond = unflatten_condition(load_arrays(record["embeddings"]))
+        rows = next(iter(flatten_condition(cond).values())).shape[0]
+        if rows != len(self.prompts):
+            raise ValueError(f"The prompt embeddings at {record['embeddings']} hold {rows} rows for "
+                             f"{len(self.prompts)} prompts in {self.prompts_path}: delete that folder "
+                             "and rerun (it is rebuilt from the prompt file).")
         if record["latents"] is None:  # placeholders of the latent shape: never shown to a discriminator
             latents = torch.zeros(1, *record["shape"])
-        elif record["latents"].endswith(".safetensors"):
+        elif record["latents_kind"] == "pre-encoded":
             latents = self._pre_encoded(tuple(record["shape"]))
         else:
             latents = load_arrays(record["latents"])["latents"]
@@ -193,10 +199,9 @@ class PromptDataModule(pl.LightningDataModule):
         self.train_set = _PromptLatents(cond, latents, index)
 
     def _record_path(self) -> Path:
-        """Where prepare_data tells the other ranks which caches hold this data."""
-        key = json.dumps([str(Path(self.prompts_path).expanduser().resolve()), self.pipeline, self.images,
-                          self.latents, self.shards, self.image_size])
-        return self.cache_dir / "prompt_data" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        """Where prepare_data tells the other ranks of this run which caches hold the data (in
+        the run dir: no other job writes there)."""
+        return Path(self.trainer.default_root_dir) / "prompt_data.json"
 
     def _encode(self) -> dict:
         """Encode (or find cached) prompt embeddings and real-image latents; returns where they are."""
@@ -211,10 +216,10 @@ class PromptDataModule(pl.LightningDataModule):
         embeddings = cache_embeddings(encoder, self.prompts, self.cache_dir)
         del encoder  # the embeddings are all training needs of the text encoders
         shape = (vae.config.latent_channels, size // factor, size // factor)
-        latents = None
+        latents, kind = None, "cache"
         if self.latents:
             self._pre_encoded(shape)  # checked now, loaded by every rank
-            latents = str(Path(self.latents).expanduser())
+            latents, kind = str(Path(self.latents).expanduser()), "pre-encoded"
         elif self.shards:
             files = shard_files(self.shards)
             latents = self._latents(vae, files, size, lambda: shard_images(files))
@@ -224,7 +229,8 @@ class PromptDataModule(pl.LightningDataModule):
             files = ([p for p in self.paired] if all(p is not None for p in self.paired)
                      else image_files(self.images))
             latents = self._latents(vae, files, size, lambda: (Image.open(f) for f in files))
-        return {"embeddings": str(embeddings), "latents": latents and str(latents), "shape": list(shape)}
+        return {"embeddings": str(embeddings), "latents": latents and str(latents), "latents_kind": kind,
+                "shape": list(shape)}
 
     def _pre_encoded(self, shape: tuple) -> torch.Tensor:
         from safetensors import SafetensorError
