@@ -37,6 +37,10 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
+        old = last.with_name(last.name + ".old")  # a sharded save stopped between its two renames
+        if not last.exists() and old.exists():
+            log.warning("%s is missing but %s (the previous save) is whole: resuming from it.", last, old)
+            last = old
         if last.exists():
             log.info("Resuming from %s", last)
             return str(last)

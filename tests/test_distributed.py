@@ -119,3 +119,14 @@ def test_multi_gpu_and_multi_node_trainer_presets_compose(monkeypatch):
     assert (fsdp.accelerator, fsdp.devices, fsdp.precision) == ("gpu", -1, "bf16-mixed")
     assert strategy._timeout == timedelta(hours=2) and multi.precision == "bf16-mixed"
     assert (nodes.num_nodes, nodes.devices, nodes.accelerator) == (4, 8, "gpu")
+
+
+def test_ckpt_path_last_falls_back_to_the_previous_sharded_save(tmp_path):
+    from dmd.runs import resolve_ckpt_path
+
+    assert resolve_ckpt_path("last", tmp_path) is None  # nothing saved yet: a fresh start
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "last.ckpt.old").mkdir(parents=True)  # stopped between moving it aside and the swap
+    assert resolve_ckpt_path("last", tmp_path) == str(ckpts / "last.ckpt.old")
+    (ckpts / "last.ckpt").mkdir()
+    assert resolve_ckpt_path("last", tmp_path) == str(ckpts / "last.ckpt")
