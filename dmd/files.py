@@ -9,12 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def temporary_sibling(path: Path) -> Path:
+    """A name beside ``path`` that no other process uses (unique on shared filesystems too)."""
+    return path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yields a temporary path beside ``path``; renamed onto ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")  # unique on shared filesystems
+    tmp = temporary_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -40,7 +45,7 @@ def save_arrays(chunks, folder: str | Path, what: str = "rows") -> Path:
     import shutil
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = temporary_sibling(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta: dict = {}

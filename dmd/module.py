@@ -37,13 +37,13 @@ from dmd.losses import (
 )
 from dmd.sharding import (
     full_state_dict,
-    gather_full,
     gather_to_cpu,
     is_sharded,
     materialize,
     meta_copy,
     shard_like,
     shard_networks,
+    whole,
 )
 from dmd.teachers import Teacher
 
@@ -58,7 +58,7 @@ def _grad_norm(parameters) -> torch.Tensor:
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    return gather_full([torch.nn.utils.get_total_norm(grads)])[0]  # sharded grads: one all-reduce
+    return whole(torch.nn.utils.get_total_norm(grads))  # sharded grads: one all-reduce
 
 
 class DMDModule(pl.LightningModule):
@@ -288,7 +288,6 @@ class DMDModule(pl.LightningModule):
         checkpoint["dmd_counters"] = {"iteration": self.iteration,
                                       "generator_steps": self.generator_steps,
                                       "fake_steps": self.fake_steps}
-        checkpoint["dmd_rng_state"] = self.rng.get_state()
         # Every rank's stream (collective: all ranks save together, rank 0 writes the file).
         gathered = self.all_gather(self.rng.get_state().to(self.device)).reshape(self.trainer.world_size, -1)
         checkpoint["dmd_rng_states"] = [state.clone() for state in gathered.cpu()]  # own storage each
@@ -313,7 +312,7 @@ class DMDModule(pl.LightningModule):
         counters = checkpoint["dmd_counters"]
         self.iteration = counters["iteration"]
         self.generator_steps, self.fake_steps = counters["generator_steps"], counters["fake_steps"]
-        states = checkpoint.get("dmd_rng_states") or [checkpoint["dmd_rng_state"]]
+        states = checkpoint.get("dmd_rng_states") or [checkpoint["dmd_rng_state"]]  # older: one rank
         if len(states) != self.trainer.world_size:
             raise ValueError(f"This checkpoint was written by {len(states)} process(es), this run has "
                              f"{self.trainer.world_size}: resume with the same number of devices x nodes.")

@@ -123,9 +123,9 @@ def materialize(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     return module
 
 
-def gather_full(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Whole tensors (every rank gets them) from sharded DTensors; others pass through."""
-    return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (every rank gets it) of a sharded DTensor; others pass through."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def gather_to_cpu(tensors: list[torch.Tensor], keep: bool) -> list[torch.Tensor]:
@@ -133,15 +133,15 @@ def gather_to_cpu(tensors: list[torch.Tensor], keep: bool) -> list[torch.Tensor]
     list elsewhere. Collective for DTensors; one tensor is whole on the device at a time."""
     out = []
     for t in tensors:
-        whole = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        gathered = whole(t).detach()
         if keep:
-            out.append(whole.cpu())
-        del whole
+            out.append(gathered.cpu())
+        del gathered
     return out
 
 
 def shard_like(tensors: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Split whole tensors, which every rank holds, the way ``params`` are sharded (inverse of
-    :func:`gather_full`; no communication: each rank keeps its own slice)."""
+    :func:`gather_to_cpu`; no communication: each rank keeps its own slice)."""
     return [distribute_tensor(t.to(p.device_mesh.device_type), p.device_mesh, p.placements, src_data_rank=None)
             if isinstance(p, DTensor) else t.to(p.device) for t, p in zip(tensors, params)]

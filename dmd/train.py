@@ -15,6 +15,7 @@ teacher's network, or of ``init``), the data (real samples for the GAN), and tra
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
@@ -123,8 +124,6 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
 def rank_states(module: DMDModule) -> list[dict]:
     """What every rank ended with: a digest of its generator weights, of the backward-simulation
     steps it trained, and of its random stream (ranks must agree on the first two, not the last)."""
-    import hashlib
-
     import torch.distributed as dist
 
     # Under FSDP the digest is of this rank's shard of the generator.

@@ -178,20 +178,21 @@ class PromptDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from dmd.conditioning import flatten_condition, unflatten_condition
+        from dmd.conditioning import unflatten_condition
         from dmd.files import load_arrays
 
         # Inside a Trainer, prepare_data has just written the record; used alone, encode here.
         record = json.loads(self._record_path().read_text()) if self.trainer is not None else self._encode()
-        cond = unflatten_condition(load_arrays(record["embeddings"]))
-        rows = next(iter(flatten_condition(cond).values())).shape[0]
+        embeddings = load_arrays(record["embeddings"])
+        rows = next(iter(embeddings.values())).shape[0]
         if rows != len(self.prompts):
             raise ValueError(f"The prompt embeddings at {record['embeddings']} hold {rows} rows for "
                              f"{len(self.prompts)} prompts in {self.prompts_path}: delete that folder "
                              "and rerun (it is rebuilt from the prompt file).")
+        cond = unflatten_condition(embeddings)
         if record["latents"] is None:  # placeholders of the latent shape: never shown to a discriminator
             latents = torch.zeros(1, *record["shape"])
-        elif record["latents_kind"] == "pre-encoded":
+        elif record["latents_kind"] == "pre-encoded":  # read (and checked) here, by every rank
             latents = self._pre_encoded(tuple(record["shape"]))
         else:
             latents = load_arrays(record["latents"])["latents"]
@@ -218,7 +219,6 @@ class PromptDataModule(pl.LightningDataModule):
         shape = (vae.config.latent_channels, size // factor, size // factor)
         latents, kind = None, "cache"
         if self.latents:
-            self._pre_encoded(shape)  # checked now, loaded by every rank
             latents, kind = str(Path(self.latents).expanduser()), "pre-encoded"
         elif self.shards:
             files = shard_files(self.shards)
