@@ -33,6 +33,7 @@ from dmd.provenance import run_provenance
 from dmd.runs import job_overrides, require, run_dir, save_resolved_config
 from dmd.sample import default_device, draw_samples, generator_sampling_fn, teacher_sampling_fn
 from dmd.sampling import SAMPLERS, nfe
+from dmd.streams import noise as stream_noise
 from dmd.teachers import Teacher
 from dmd.visualize import save_sample_grid
 
@@ -82,8 +83,7 @@ def evaluate_model(model: Model, evaluator, num_samples: int, seed: int = 0,
     samples; a latent model's VAE decode is not timed)."""
     device = torch.device(device or default_device())
     model.network.to(device)
-    noise = torch.randn(num_samples, *model.info.sample_shape,
-                        generator=torch.Generator().manual_seed(seed))
+    noise = stream_noise("eval", seed, num_samples, model.info.sample_shape)
     started = time.perf_counter()
     samples, labels = draw_samples(model.info, model.fn, noise, None, batch_size, device,
                                    model.name, progress)

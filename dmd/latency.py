@@ -8,6 +8,7 @@ import time
 import torch
 
 from dmd.conditioning import condition_to
+from dmd.streams import stream
 
 
 def _sync(device: torch.device) -> None:
@@ -21,7 +22,7 @@ def latency_ms_per_image(fn, info, batch_size: int, device, repeats: int = 10,
     """Median milliseconds per image of ``fn(noise, cond, uncond)`` on a batch of ``batch_size``
     (after ``warmup`` untimed calls; each call is synchronised on GPUs)."""
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed)
+    g = stream("latency", seed)
     noise = torch.randn(batch_size, *info.sample_shape, generator=g).to(device)
     cond = condition_to(info.labels(batch_size), device)
     uncond = info.null_condition(batch_size, device)

@@ -3,7 +3,7 @@
 One ``training_step`` is one iteration of DMD2's training loop (manual optimisation):
 
     every N-th iteration (N = TTUR ratio):  generator step on
-        dm_weight * distribution-matching loss  [+ gan_generator_weight * GAN generator loss]
+        dm_weight * distribution-matching loss  [+ w_gan * GAN generator loss]
                                                 [+ regression_weight * regression loss (DMD)]
     every iteration:                         fake-score step on
         denoising loss of detached generator samples
@@ -14,6 +14,15 @@ optimizers, so the module keeps its own counters (``iteration``, ``generator_ste
 ``fake_steps``), checkpoints them, and drives the TTUR cadence and the training length from
 them. Every random draw comes from the module's own ``torch.Generator``, whose state is
 checkpointed: a resumed run continues exactly where it stopped.
+
+Balancing the GAN against DM (``gan_balance``): the DM loss is a mean over B*D elements, the GAN
+generator loss a mean over B, so a fixed GAN weight acts more strongly as the data dimension D
+grows. ``fixed``: w_gan = gan_generator_weight; ``dimension``: the weight is stated at DMD2's
+ImageNet-64 dimension (``gan_reference_dim`` = 64*64*3) and rescaled, w_gan = weight * D_ref / D;
+``adaptive``: the GAN's gradient with respect to the generator output is rescaled, per step, to
+``gan_grad_ratio`` times the DM term's (DMD2's authors advise matching the two norms on new data).
+Every generator step logs each weighted term's gradient norm with respect to the generator
+output, ``grad_norm/x/{dm,gan,regression}``.
 """
 
 from __future__ import annotations
@@ -45,9 +54,17 @@ from dmd.sharding import (
     shard_networks,
     whole,
 )
+from dmd.streams import stream_seed
 from dmd.teachers import Teacher
 
 RANK_SEED_STRIDE = 1_000_003
+GAN_BALANCES = ("fixed", "dimension", "adaptive")
+IMAGENET64_DIM = 64 * 64 * 3  # where DMD2's GAN weights were chosen
+
+
+def training_rng(seed: int, rank: int = 0) -> torch.Generator:
+    """The module's random stream on one rank: noise, timesteps and regression batches."""
+    return torch.Generator().manual_seed(stream_seed("training", seed + RANK_SEED_STRIDE * rank))
 
 
 def _warmup(optimizer, steps: int):
@@ -76,6 +93,8 @@ class DMDModule(pl.LightningModule):
                  warmup_steps: int = 0, grad_clip: float = 10.0, dm_weight: float = 1.0,
                  dm_t_range=(0.02, 0.98), gan_generator_weight: float = 0.0,
                  gan_discriminator_weight: float = 0.0, gan_t_range=(0.02, 0.98),
+                 gan_balance: str = "fixed", gan_reference_dim: int = IMAGENET64_DIM,
+                 gan_grad_ratio: float = 1.0,
                  regression_weight: float = 0.0, regression_pairs: dict | None = None,
                  regression_distance: nn.Module | None = None, regression_batch_size: int = 0,
                  backward_simulation: bool = True, ema_decay: float | None = None,
@@ -88,6 +107,8 @@ class DMDModule(pl.LightningModule):
         if regression_weight > 0 and generator.num_steps != 1:
             raise ValueError("DMD's regression loss is defined for one-step generators; "
                              "set regression_weight=0 for a multi-step generator.")
+        if gan_balance not in GAN_BALANCES:
+            raise ValueError(f"gan_balance={gan_balance!r}; choose one of {GAN_BALANCES}.")
         self.automatic_optimization = False
         self.teacher = teacher
         self.real_score = teacher.denoiser.requires_grad_(False).eval()
@@ -98,6 +119,11 @@ class DMDModule(pl.LightningModule):
         self.dm_weight, self.dm_t_range = dm_weight, tuple(dm_t_range)
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
         self.gan_t_range = tuple(gan_t_range)
+        self.gan_balance, self.gan_grad_ratio = gan_balance, gan_grad_ratio
+        dim = int(torch.Size(teacher.sample_shape).numel())
+        # The weight the GAN term gets in the loss (adaptive: 1, its gradient rescaled in backward)
+        self.gan_weight = {"fixed": gan_generator_weight, "adaptive": 1.0,
+                           "dimension": gan_generator_weight * gan_reference_dim / dim}[gan_balance]
         self.use_gan = gan_generator_weight > 0 or gan_discriminator_weight > 0
         self.gan_head = DiscriminatorHead.for_network(fake_score.unet) if self.use_gan else None
         self.regression_weight, self.regression_distance = regression_weight, regression_distance
@@ -111,7 +137,7 @@ class DMDModule(pl.LightningModule):
         self.ema_decay = ema_decay
         self.ema = EMAModel(trainable(generator), decay=ema_decay) if ema_decay else None
         self._release_template: list[nn.Module] = []  # FSDP: the generator's shape, weightless
-        self.rng = torch.Generator().manual_seed(seed)
+        self.rng = training_rng(seed)
         self.iteration = self.generator_steps = self.fake_steps = 0
         # (iteration, step) pairs backward simulation trained, hashed: ranks compare it (train.py)
         self.backward_simulation_trace = hashlib.sha256()
@@ -120,7 +146,7 @@ class DMDModule(pl.LightningModule):
         # Each rank draws its own noise and timesteps (rank 0: the single-process stream), before
         # a resumed checkpoint restores every rank's own state. The backward-simulation step
         # stays a function of (iteration, seed): the same on every rank.
-        self.rng.manual_seed(self.seed + RANK_SEED_STRIDE * self.global_rank)
+        self.rng = training_rng(self.seed, self.global_rank)
 
     def configure_model(self) -> None:
         # Under trainer=fsdp (dmd.sharding.FullyShardedStrategy) Lightning gives the module a
@@ -187,21 +213,28 @@ class DMDModule(pl.LightningModule):
     def generator_step(self, n: int, cond, opt_g, sched_g):
         """Update the generator on the DM loss (+ GAN generator loss, + regression loss)."""
         x = self.generate(n, cond)
+        norms = {}  # each weighted term's gradient w.r.t. the generator output, filled in backward
+        x_dm = _watch(x, "dm", norms)
         loss_dm, logs = distribution_matching_loss(
-            x, self.real_score, self.fake_score, cond, self.teacher.null_condition(n, self.device),
+            x_dm, self.real_score, self.fake_score, cond, self.teacher.null_condition(n, self.device),
             self.guidance_scale, t_range=self.dm_t_range, generator=self.rng)
         loss = self.dm_weight * loss_dm
         logs["loss/dm"] = loss_dm.detach()
         if self.gan_generator_weight > 0:
-            loss_gan = gan_generator_loss(self.discriminate(x, cond))
-            loss = loss + self.gan_generator_weight * loss_gan
+            rescale = None
+            if self.gan_balance == "adaptive":  # ||g_gan|| = ratio * ||g_dm||: g_dm is known before
+                g_dm = torch.autograd.grad(loss, x_dm, retain_graph=True)[0]  # backward (cheap: an MSE)
+                rescale = self.gan_grad_ratio * g_dm.detach().float().norm()
+            loss_gan = gan_generator_loss(self.discriminate(_watch(x, "gan", norms, rescale), cond))
+            loss = loss + self.gan_weight * loss_gan
             logs["loss/gan_generator"] = loss_gan.detach()
         if self.regression_weight > 0:
-            loss_reg = self.regression_term()
+            loss_reg = self.regression_term(norms)
             loss = loss + self.regression_weight * loss_reg
             logs["loss/regression"] = loss_reg.detach()
         self._check_finite(loss, "generator")
         logs["grad_norm/generator"] = self._step(opt_g, sched_g, loss)
+        logs.update({f"grad_norm/x/{k}": v for k, v in norms.items()})
         if self.ema is not None:
             self.ema.step(optimized(opt_g))
         self.generator_steps += 1
@@ -241,13 +274,16 @@ class DMDModule(pl.LightningModule):
         return discriminator_logits(self.fake_score, self.gan_head, x, cond, self.gan_t_range,
                                     generator=self.rng)
 
-    def regression_term(self):
+    def regression_term(self, norms: dict | None = None):
         """Regression loss on a random batch of cached teacher pairs (DMD)."""
         pairs = self.regression_pairs
         idx = torch.randint(pairs["noise"].shape[0], (self.regression_batch_size,), generator=self.rng)
         noise, target = pairs["noise"][idx].to(self.device), pairs["images"][idx].to(self.device)
         cond = pairs["labels"][idx].to(self.device) if "labels" in pairs else None
-        return regression_loss(self.generator(noise, cond), target, self.regression_distance)
+        out = self.generator(noise, cond)
+        if norms is not None:
+            out = _watch(out, "regression", norms)
+        return regression_loss(out, target, self.regression_distance)
 
     def noise(self, n: int):
         """Pure noise z ~ N(0, I) from the module's random stream."""
@@ -350,6 +386,24 @@ class DMDModule(pl.LightningModule):
         if self.global_rank != 0:
             return None
         return materialize(self._release_template[0], state).to(self.device).eval()
+
+
+def _watch(x: torch.Tensor, name: str, norms: dict, rescale: torch.Tensor | None = None) -> torch.Tensor:
+    """An alias of ``x`` whose gradient in backward (one loss term's, w.r.t. the generator output)
+    has its norm recorded in ``norms[name]``; with ``rescale``, the gradient is first scaled to
+    that norm (the adaptive GAN weight)."""
+    alias = x.view_as(x)
+
+    def hook(grad):
+        norm = grad.detach().float().norm()
+        if rescale is not None:
+            grad = grad * (rescale / norm.clamp_min(1e-12)).to(grad.dtype)
+            norm = grad.detach().float().norm()
+        norms[name] = norm
+        return grad
+
+    alias.register_hook(hook)
+    return alias
 
 
 def optimized(optimizer) -> list[nn.Parameter]:

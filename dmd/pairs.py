@@ -16,13 +16,14 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from dmd.files import save_safetensors
 from dmd.sample import sample_teacher
+from dmd.streams import STREAMS_VERSION
+from dmd.streams import noise as stream_noise
 from dmd.teachers import Teacher, weights_digest
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,14 @@ log = logging.getLogger(__name__)
 
 def make_pairs(teacher: Teacher, num_pairs: int, sampler: str = "heun", steps: int = 8,
                guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 500) -> dict:
-    """Run the teacher's ODE sampler on seeded noise; returns {noise, labels, images}.
+    """Run the teacher's ODE sampler on the ``regression-pairs`` stream's noise for ``seed``
+    (never an evaluation draw); returns {noise, labels, images}.
 
-    ``sample_teacher`` draws its noise from the same seed, so the noise is recreated here.
+    ``sample_teacher`` draws its noise from the same stream, so the noise is recreated here.
     """
     images, labels = sample_teacher(teacher, num_pairs, sampler, steps, guidance_scale, seed,
-                                    batch_size)
-    noise = torch.randn(num_pairs, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
+                                    batch_size, purpose="regression-pairs")
+    noise = stream_noise("regression-pairs", seed, num_pairs, teacher.sample_shape)
     pairs = {"noise": noise, "images": images}
     if labels is not None:
         pairs["labels"] = labels
@@ -48,7 +50,7 @@ def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path
                        seed: int = 0) -> dict:
     """Cached :func:`make_pairs`: the cache key is the provenance plus the sampler settings."""
     prov = {**provenance, "num_pairs": num_pairs, "sampler": sampler, "steps": steps,
-            "guidance_scale": guidance_scale, "seed": seed}
+            "guidance_scale": guidance_scale, "seed": seed, "streams": STREAMS_VERSION}
     key = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "pairs" / f"{key}.safetensors"
     if path.is_file():

@@ -29,6 +29,8 @@ from dmd.data.fmnist import to_uint8
 from dmd.generator import Generator, load_generator
 from dmd.runs import require, run_dir, save_resolved_config
 from dmd.sampling import SAMPLERS, nfe, sample
+from dmd.streams import noise as stream_noise
+from dmd.streams import stream
 from dmd.teachers import Teacher
 from dmd.visualize import save_sample_grid
 
@@ -64,11 +66,12 @@ def draw_samples(teacher: Teacher, sample_fn, noise: torch.Tensor, labels: torch
 def sample_teacher(teacher: Teacher, num_samples: int, name: str = "ddim", steps: int = 25,
                    guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 500,
                    labels: torch.Tensor | None = None, device=None, progress: bool = True,
-                   spacing: str = "karras"):
-    """Draw ``num_samples`` from the teacher's ODE sampler; returns (samples, labels) on CPU."""
+                   spacing: str = "karras", purpose: str = "eval"):
+    """Draw ``num_samples`` from the teacher's ODE sampler; returns (samples, labels) on CPU.
+    The noise is the ``purpose`` stream's (:mod:`dmd.streams`) for ``seed``."""
     device = device or default_device()
     teacher.denoiser.to(device)
-    noise = torch.randn(num_samples, *teacher.sample_shape, generator=torch.Generator().manual_seed(seed))
+    noise = stream_noise(purpose, seed, num_samples, teacher.sample_shape)
 
     return draw_samples(teacher, teacher_sampling_fn(teacher, name, steps, guidance_scale, spacing),
                         noise, labels, batch_size, device,
@@ -88,19 +91,20 @@ def teacher_sampling_fn(teacher: Teacher, name: str = "ddim", steps: int = 25,
 def sample_generator(generator: Generator, info: Teacher, num_samples: int, seed: int = 0,
                      batch_size: int = 500, labels: torch.Tensor | None = None, device=None,
                      progress: bool = True):
-    """Draw ``num_samples`` from a distilled generator (its own 1- or multi-step schedule)."""
+    """Draw ``num_samples`` from a distilled generator (its own 1- or multi-step schedule), on
+    the evaluation stream (:mod:`dmd.streams`) of ``seed``."""
     device = device or default_device()
     generator.to(device).eval()
-    noise = torch.randn(num_samples, *info.sample_shape, generator=torch.Generator().manual_seed(seed))
+    noise = stream_noise("eval", seed, num_samples, info.sample_shape)
     return draw_samples(info, generator_sampling_fn(generator, seed), noise, labels, batch_size,
                         device, f"generator x{generator.num_steps}", progress)
 
 
 def generator_sampling_fn(generator: Generator, seed: int = 0):
     """``fn(noise, cond, uncond)`` running the generator; the re-noising of multi-step
-    generators draws from its own stream seeded with ``seed + 1``, batch after batch (so,
+    generators draws from the ``eval-renoise`` stream of ``seed``, batch after batch (so,
     unlike one-step samples, multi-step samples also depend on the batch size)."""
-    rng = torch.Generator().manual_seed(seed + 1)
+    rng = stream("eval-renoise", seed)
 
     def fn(z, cond, uncond):
         return generator(z, cond, generator=rng)

@@ -29,8 +29,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dmd.callbacks.evaluation import EvaluationCallback, update_results
-from dmd.distances import build_distance
+from dmd.distances import build_distance, digest
 from dmd.generator import Generator, load_generator, save_generator
+from dmd.metrics.evaluator import check_independent
 from dmd.module import DMDModule, copy_denoiser
 from dmd.pairs import pairs_for_config
 from dmd.provenance import run_provenance
@@ -109,13 +110,15 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
             "set algorithm.regression.weight=0.")
     if reg.weight > 0:
         pairs = pairs_for_config(cfg, teacher)
-        distance = build_distance(reg.distance, reg.get("feature_network"))
+        distance = build_distance(reg.distance, reg.get("network"))
     return DMDModule(
         teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
         lr_generator=o.lr_generator, lr_fake=o.lr_fake, betas=o.betas, weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, dm_weight=a.dm_weight,
         dm_t_range=a.dm_t_range, gan_generator_weight=a.gan.generator_weight,
         gan_discriminator_weight=a.gan.discriminator_weight, gan_t_range=a.gan.t_range,
+        gan_balance=a.gan.balance, gan_reference_dim=a.gan.reference_dim,
+        gan_grad_ratio=a.gan.grad_ratio,
         regression_weight=reg.weight, regression_pairs=pairs, regression_distance=distance,
         regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation,
         ema_decay=a.ema_decay, max_iterations=cfg.max_iterations, seed=cfg.seed)
@@ -153,10 +156,21 @@ def set_training_length(cfg: DictConfig) -> None:
     require(cfg.max_iterations >= 1, f"max_iterations must be >= 1, got {cfg.max_iterations}.")
 
 
+def check_training_signals(cfg: DictConfig) -> None:
+    """Refuse a run whose regression distance uses an evaluator's network (same weights)."""
+    reg = cfg.algorithm.regression
+    if reg.weight <= 0 or reg.distance not in ("perceptual", "features") or not cfg.get("eval"):
+        return
+    evaluator = instantiate(cfg.eval.evaluator)
+    check_independent({"algorithm.regression.network": digest(build_distance(reg.distance, reg.network))},
+                      evaluator)
+
+
 def train(cfg: DictConfig) -> Path:
     started = time.time()
     out_dir = run_dir()
     set_training_length(cfg)
+    check_training_signals(cfg)  # before anything is written into the run dir
     save_resolved_config(cfg, out_dir)
     pl.seed_everything(cfg.seed, workers=True)
 

@@ -1,8 +1,9 @@
-"""``python -m dmd.train_classifier``: train the Fashion-MNIST feature network.
+"""``python -m dmd.train_classifier [arch=vgg|resnet|alex]``: train a Fashion-MNIST network.
 
-Its penultimate features define ``fid_fmnist``; its accuracy on generated samples against the
-requested labels is class consistency. Saves ``<run dir>/classifier/{model.safetensors,
-config.json,metrics.json}`` (the bundled copy is ``experiments/checkpoints/fmnist_classifier``).
+The bundled ones (``dmd.metrics.features``; each command is in its ``metrics.json``):
+``fmnist_classifier`` (vgg: ``fid_fmnist`` and class consistency), ``fmnist_resnet`` (the second
+evaluation feature space) and ``fmnist_perceptual`` (alex: the offline regression distance, used
+by no evaluator). Saves ``<run dir>/classifier/{model.safetensors,config.json,metrics.json}``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def train_classifier(cfg: DictConfig) -> Path:
     save_resolved_config(cfg, out_dir)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    net = FashionMNISTClassifier(tuple(cfg.channels), cfg.feature_dim, datamodule.num_classes)
+    net = FashionMNISTClassifier(tuple(cfg.channels), cfg.feature_dim, datamodule.num_classes,
+                                 arch=cfg.arch)
     module = ClassifierModule(net, cfg.lr, cfg.weight_decay)
     trainer = build_trainer(cfg, out_dir)
     trainer.fit(module, datamodule=datamodule)

@@ -10,6 +10,7 @@ import torch
 from cleanfid.fid import frechet_distance
 
 import dmd.metrics.fid as fid_module
+from dmd import ROOT_DIR
 from dmd.data.fmnist import load_fashion_mnist
 from dmd.metrics import Evaluator
 from dmd.metrics.extractors import FMNISTFeatures, InceptionFeatures
@@ -90,15 +91,22 @@ def fmnist_test():
 def test_evaluator_names_its_metrics_and_scores_real_images_well(tmp_path, fmnist_test):
     images, labels = fmnist_test
     refs = {"data": DataReference(split="test", num_samples=2000, seed=1)}
-    ev = Evaluator(FMNISTFeatures(), refs, tmp_path, kid_subsets=10, progress=False)
+    second = FMNISTFeatures(ROOT_DIR / "experiments" / "checkpoints" / "fmnist_resnet", name="fmnist_resnet")
+    ev = Evaluator(FMNISTFeatures(), refs, tmp_path, kid_subsets=10, progress=False,
+                   more_extractors=[second])
     real = ev(images[5000:6000], labels[5000:6000])
-    assert set(real) == {"fid_fmnist_vs_data", "kid_fmnist_vs_data", "class_consistency", "num_samples"}
+    assert set(real) == {"fid_fmnist_vs_data", "kid_fmnist_vs_data", "precision_fmnist_vs_data",
+                         "recall_fmnist_vs_data", "fid_fmnist_resnet_vs_data",
+                         "kid_fmnist_resnet_vs_data", "class_consistency", "num_samples"}
     assert real["class_consistency"] > 0.88
+    assert real["precision_fmnist_vs_data"] > 0.6 and real["recall_fmnist_vs_data"] > 0.6
     wrong = ev(images[5000:6000], (labels[5000:6000] + 1) % 10)
     assert wrong["class_consistency"] < 0.1
     noise = ev(torch.rand(1000, 1, 28, 28) * 2 - 1, labels[:1000])
-    assert noise["fid_fmnist_vs_data"] > 20 * real["fid_fmnist_vs_data"]
-    assert noise["kid_fmnist_vs_data"] > 20 * real["kid_fmnist_vs_data"]
+    for space in ("fmnist", "fmnist_resnet"):  # both feature spaces tell images from noise
+        assert noise[f"fid_{space}_vs_data"] > 20 * real[f"fid_{space}_vs_data"]
+        assert noise[f"kid_{space}_vs_data"] > 20 * real[f"kid_{space}_vs_data"]
+    assert noise["precision_fmnist_vs_data"] < 0.05
     # The extractor's weights are part of the provenance: other weights, another file.
     other = FMNISTFeatures()
     other.net.weights_sha256 = "0" * 64
@@ -184,3 +192,37 @@ def test_clip_loader_names_the_missing_model(tmp_path):
 
     with pytest.raises(OSError, match="Could not load a CLIP model"):
         clip_loader(tmp_path / "nowhere")()
+
+
+def test_precision_recall_measure_quality_and_coverage_separately():
+    from dmd.metrics.fid import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(600, 4, generator=g)
+    real[:300, 0] += 12  # two well-separated modes
+    same = torch.randn(600, 4, generator=g)
+    same[:300, 0] += 12
+    p, r = precision_recall(real, same)
+    assert p > 0.9 and r > 0.9
+    dropped = torch.randn(600, 4, generator=g)
+    dropped[:, 0] += 12  # every sample in one mode: sharp but half the data is missed
+    p, r = precision_recall(real, dropped)
+    assert p > 0.9 and 0.35 < r < 0.6
+    p, r = precision_recall(real, torch.randn(600, 4, generator=g) + 40)  # off the data
+    assert p == 0.0 and r == 0.0
+
+
+def test_an_evaluators_network_as_a_training_signal_is_refused():
+    from dmd.distances import build_distance, digest
+    from dmd.metrics.evaluator import check_independent
+
+    class _Evaluator:
+        def weights_digests(self):
+            return {"fmnist": FMNISTFeatures().net.weights_sha256}
+
+    checkpoints = ROOT_DIR / "experiments" / "checkpoints"
+    shared = build_distance("features", checkpoints / "fmnist_classifier")
+    with pytest.raises(ValueError, match="algorithm.regression.network uses the network of .*'fmnist'"):
+        check_independent({"algorithm.regression.network": digest(shared)}, _Evaluator())
+    independent = build_distance("perceptual", checkpoints / "fmnist_perceptual")
+    check_independent({"algorithm.regression.network": digest(independent)}, _Evaluator())

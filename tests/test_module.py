@@ -113,3 +113,57 @@ def test_gan_losses_by_hand():
     assert torch.isclose(gan_generator_loss(fake), (sp(torch.tensor(1.0)) + sp(torch.tensor(0.0))) / 2)
     expected = (sp(torch.tensor(0.0)) + sp(torch.tensor(-2.0))) / 2 + (sp(torch.tensor(-1.0)) + sp(torch.tensor(0.0))) / 2
     assert torch.isclose(gan_discriminator_loss(real, fake), expected)
+
+
+def _gan_module(tiny_unet_kwargs, **kwargs):
+    """A class-conditional tiny-UNet teacher (1x8x8) with the GAN on, generator and fake score
+    copies of it; one iteration is one generator step (ratio 1)."""
+    from diffusers import UNet2DModel
+
+    from dmd.denoisers import DiffusersUNetDenoiser
+    from dmd.module import copy_denoiser
+    from dmd.schedule import VPSchedule
+    from dmd.teachers import Teacher
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_unet_kwargs)
+    den = DiffusersUNetDenoiser(unet, VPSchedule.from_diffusers(DDPMScheduler()), "v_prediction")
+    teacher = Teacher(den, (1, 8, 8), num_classes=2)
+    return DMDModule(teacher, Generator(copy_denoiser(den), (999,)), copy_denoiser(den),
+                     guidance_scale=2.0, ttur_ratio=1, gan_discriminator_weight=1e-2, **kwargs)
+
+
+def _one_generator_step(module, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path,
+                         enable_model_summary=False)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if k.startswith("grad_norm/x/") or k == "grad_norm/generator"}
+
+
+def test_each_terms_gradient_wrt_the_generator_output_is_logged_and_weighted(tiny_unet_kwargs, tmp_path):
+    one = _one_generator_step(_gan_module(tiny_unet_kwargs, gan_generator_weight=1e-3), tmp_path)
+    two = _one_generator_step(_gan_module(tiny_unet_kwargs, gan_generator_weight=2e-3, dm_weight=3.0), tmp_path)
+    assert set(one) == {"grad_norm/x/dm", "grad_norm/x/gan", "grad_norm/generator"}
+    assert all(v > 0 for v in one.values())
+    # The same first step (same seeds, same weights): each norm scales with its own weight only.
+    assert math.isclose(two["grad_norm/x/gan"], 2 * one["grad_norm/x/gan"], rel_tol=1e-4)
+    assert math.isclose(two["grad_norm/x/dm"], 3 * one["grad_norm/x/dm"], rel_tol=1e-4)
+
+
+def test_gan_balance_dimension_and_adaptive(tiny_unet_kwargs, tmp_path):
+    dim = _gan_module(tiny_unet_kwargs, gan_generator_weight=3e-3, gan_balance="dimension")
+    assert math.isclose(dim.gan_weight, 3e-3 * 64 * 64 * 3 / (8 * 8))  # stated at ImageNet-64
+    generator_norms = []
+    for ratio in (0.5, 2.0):
+        norms = _one_generator_step(_gan_module(tiny_unet_kwargs, gan_generator_weight=1e-3,
+                                                gan_balance="adaptive", gan_grad_ratio=ratio), tmp_path)
+        assert math.isclose(norms["grad_norm/x/gan"], ratio * norms["grad_norm/x/dm"], rel_tol=1e-4)
+        generator_norms.append(norms["grad_norm/generator"])
+    assert generator_norms[0] != pytest.approx(generator_norms[1], rel=1e-3)  # the rescaled gradient is the one applied
+    with pytest.raises(ValueError, match="gan_balance"):
+        _gan_module(tiny_unet_kwargs, gan_generator_weight=1e-3, gan_balance="auto")

@@ -111,6 +111,15 @@ def test_an_evaluator_that_cannot_score_the_samples_is_refused_before_training(c
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_regression_distance_on_an_evaluators_network_is_refused_before_anything_is_written(cli, tmp_path):
+    proc = cli("dmd.train", "experiment=fmnist_dmd", "algorithm.regression.distance=features",
+               "algorithm.regression.network=${paths.checkpoints_dir}/fmnist_classifier",
+               "logger=none", f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0
+    assert "algorithm.regression.network uses the network of the evaluator's feature space 'fmnist'" in proc.stderr
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists()
+
+
 def test_resuming_keeps_the_csv_log_of_the_part_before(cli, tmp_path):
     run = tmp_path / "run"
     base = [o for o in TINY_GMM if o != "logger=none"] + ["logger=csv", "trainer.log_every_n_steps=1"]

@@ -51,14 +51,17 @@ def to_uint8_nhwc(images: Tensor) -> np.ndarray:
 
 
 class FMNISTFeatures:
-    """Penultimate features (128-d) and logits of the bundled Fashion-MNIST classifier."""
+    """Penultimate features and logits of a Fashion-MNIST classifier trained by the project:
+    the bundled ``fmnist_classifier`` (``name`` fmnist) by default; ``fmnist_resnet`` is the
+    second, independent feature space (``name`` fmnist_resnet)."""
 
-    name = "fmnist"
     resize = "none"
 
-    def __init__(self, path: str | Path | None = None, batch_size: int = 1000, device=None):
+    def __init__(self, path: str | Path | None = None, batch_size: int = 1000, device=None,
+                 name: str = "fmnist"):
         from dmd.metrics.fmnist import DEFAULT_CLASSIFIER
 
+        self.name = name
         self.path = Path(path or DEFAULT_CLASSIFIER)
         self.net = FashionMNISTClassifier.load(self.path)
         self.batch_size, self.device = batch_size, device
@@ -70,7 +73,7 @@ class FMNISTFeatures:
     def __call__(self, images: Tensor, progress: bool = False) -> tuple[Tensor, Tensor | None]:
         images = torch.as_tensor(images)
         if tuple(images.shape[-3:]) not in ((1, 28, 28), (28, 28, 1)):
-            raise ValueError(f"The fmnist feature network (eval=fmnist) takes 1x28x28 images, got "
+            raise ValueError(f"The {self.name} feature network (eval=fmnist) takes 1x28x28 images, got "
                              f"samples of shape {tuple(images.shape[1:])}: use eval=inception for "
                              "other images, eval=mixture for 2-D points.")
         return extract(self.net, images, self.batch_size, _device(self.device), progress)

@@ -1,9 +1,18 @@
-"""The Fashion-MNIST feature network used for offline evaluation.
+"""Fashion-MNIST networks trained by the project: offline evaluators and a perceptual distance.
 
-Inception and CLIP weights cannot be downloaded here, so evaluation on Fashion-MNIST uses a
-small CNN classifier trained by the project (``python -m dmd.train_classifier``); its
-penultimate activations are the features of ``fid_fmnist`` and its predictions give class
-consistency. Weights live in safetensors next to a ``config.json``.
+Inception, CLIP and LPIPS weights cannot be downloaded here, so Fashion-MNIST uses small CNN
+classifiers trained by the project (``python -m dmd.train_classifier arch=<arch>``), each a
+separate architecture and training run, bundled under ``experiments/checkpoints``:
+
+- ``fmnist_classifier`` (arch ``vgg``: plain conv + BatchNorm + max-pool): the features of
+  ``fid_fmnist`` and the predictions of class consistency;
+- ``fmnist_resnet`` (arch ``resnet``: residual blocks, GroupNorm, SiLU, strided convs): the
+  second, independent evaluation feature space (``fid_fmnist_resnet``);
+- ``fmnist_perceptual`` (arch ``alex``: large kernels, no normalisation): used by no evaluator;
+  its layer activations define the offline perceptual distance of DMD's regression loss
+  (:class:`dmd.distances.PerceptualDistance`).
+
+Weights live in safetensors next to a ``config.json`` (its ``arch`` picks the body).
 """
 
 from __future__ import annotations
@@ -23,25 +32,72 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
+class _Residual(nn.Module):
+    """Pre-activation residual block (GroupNorm, SiLU); ``stride`` 2 halves the resolution."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.GroupNorm(8, c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, stride, 1),
+            nn.GroupNorm(8, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, 1, 1))
+        self.skip = nn.Identity() if (c_in, stride) == (c_out, 1) else nn.Conv2d(c_in, c_out, 1, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.skip(x) + self.branch(x)
+
+
+def _vgg_body(c1: int, c2: int, c3: int) -> list[nn.Module]:
+    return [_conv_block(1, c1), _conv_block(c1, c1), nn.MaxPool2d(2),  # 14x14
+            _conv_block(c1, c2), _conv_block(c2, c2), nn.MaxPool2d(2),  # 7x7
+            _conv_block(c2, c3)]
+
+
+def _resnet_body(c1: int, c2: int, c3: int) -> list[nn.Module]:
+    return [nn.Conv2d(1, c1, 3, 1, 1), _Residual(c1, c1),
+            _Residual(c1, c2, 2), _Residual(c2, c2),  # 14x14
+            _Residual(c2, c3, 2), _Residual(c3, c3),  # 7x7
+            nn.GroupNorm(8, c3), nn.SiLU()]
+
+
+def _alex_body(c1: int, c2: int, c3: int) -> list[nn.Module]:
+    return [nn.Conv2d(1, c1, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(c1, c2, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
+            nn.Conv2d(c2, c3, 3, 1, 1), nn.ReLU()]
+
+
+ARCHITECTURES = {"vgg": _vgg_body, "resnet": _resnet_body, "alex": _alex_body}
+
+
 class FashionMNISTClassifier(nn.Module):
-    """CNN on 1x28x28 images in [-1, 1]: ``features`` (penultimate, ``feature_dim``) and logits."""
+    """CNN on 1x28x28 images in [-1, 1]: ``features`` (penultimate, ``feature_dim``) and logits;
+    ``arch`` picks the convolutional body (:data:`ARCHITECTURES`)."""
 
     def __init__(self, channels: tuple[int, int, int] = (32, 64, 128), feature_dim: int = 128,
-                 num_classes: int = 10, dropout: float = 0.3):
+                 num_classes: int = 10, dropout: float = 0.3, arch: str = "vgg"):
         super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"Unknown classifier arch {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
         c1, c2, c3 = channels
-        self.config = {"channels": list(channels), "feature_dim": feature_dim,
+        self.config = {"arch": arch, "channels": list(channels), "feature_dim": feature_dim,
                        "num_classes": num_classes, "dropout": dropout}
         self.body = nn.Sequential(
-            _conv_block(1, c1), _conv_block(c1, c1), nn.MaxPool2d(2),  # 14x14
-            _conv_block(c1, c2), _conv_block(c2, c2), nn.MaxPool2d(2),  # 7x7
-            _conv_block(c2, c3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *ARCHITECTURES[arch](c1, c2, c3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             nn.Linear(c3, feature_dim), nn.ReLU(inplace=True),
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+    def activations(self, x: Tensor) -> list[Tensor]:
+        """The output of every activation layer of the convolutional body (ReLU / SiLU), in
+        order: the layers a perceptual distance compares."""
+        out = []
+        for layer in self.body:
+            x = layer(x)
+            if isinstance(layer, (nn.ReLU, nn.SiLU, nn.Sequential, _Residual)) and x.ndim == 4:
+                out.append(x)
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -63,7 +119,8 @@ class FashionMNISTClassifier(nn.Module):
                 f"{folder} must hold config.json and model.safetensors (written by "
                 "`python -m dmd.train_classifier`).")
         cfg = json.loads(cfg_path.read_text())
-        net = cls(tuple(cfg["channels"]), cfg["feature_dim"], cfg["num_classes"], cfg["dropout"])
+        net = cls(tuple(cfg["channels"]), cfg["feature_dim"], cfg["num_classes"], cfg["dropout"],
+                  cfg.get("arch", "vgg"))  # folders written before arch existed are vgg
         try:
             net.load_state_dict(load_file(weights))
         except RuntimeError as err:

@@ -57,3 +57,38 @@ def kid_from_features(a, b, num_subsets: int = 100, max_subset_size: int = 1000,
         return float(kernel_distance(a, b, num_subsets=num_subsets, max_subset_size=max_subset_size))
     finally:
         np.random.set_state(state)
+
+
+def _kth_neighbour_radius(f: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance of every row of ``f`` to its k-th nearest other row."""
+    radii = []
+    for start in range(0, f.shape[0], chunk):
+        d = torch.cdist(f[start: start + chunk], f)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself is at distance 0
+    return torch.cat(radii)
+
+
+def _inside(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """For every query row: does it lie in some support row's k-NN ball?"""
+    hits = []
+    for start in range(0, query.shape[0], chunk):
+        d = torch.cdist(query[start: start + chunk], support)
+        hits.append((d <= radii[None, :]).any(dim=1))
+    return torch.cat(hits)
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019) of two feature sets.
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest
+    neighbour. Precision: the share of generated points inside the real manifold (quality);
+    recall: the share of real points inside the generated manifold (diversity). Both sets should
+    have the same size (the radii shrink with n).
+    """
+    real = torch.as_tensor(np.asarray(real, dtype=np.float64)).float()
+    fake = torch.as_tensor(np.asarray(fake, dtype=np.float64)).float()
+    if min(real.shape[0], fake.shape[0]) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set.")
+    precision = _inside(fake, real, _kth_neighbour_radius(real, k)).float().mean().item()
+    recall = _inside(real, fake, _kth_neighbour_radius(fake, k)).float().mean().item()
+    return precision, recall

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dmd.streams import stream
+
 
 def nearest_mode(x: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
     """Index of the nearest mixture mean for every point, and the distance to it."""
@@ -26,7 +28,7 @@ def mixture_report(samples: Tensor, mixture, num_energy: int = 4000, seed: int =
     idx, dist = nearest_mode(samples, mixture.means)
     k = mixture.means.shape[0]
     shares = torch.bincount(idx, minlength=k).double() / samples.shape[0]
-    ref, _ = mixture.sample(num_energy, torch.Generator().manual_seed(seed))
+    ref, _ = mixture.sample(num_energy, stream("data-reference", seed))  # never the training draws
     n = min(num_energy, samples.shape[0])
     return {
         "mode_shares": [round(float(s), 4) for s in shares],

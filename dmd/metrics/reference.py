@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dmd.files import save_safetensors
+from dmd.streams import STREAMS_VERSION, stream
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class DataReference:
 
     def provenance(self, teacher=None) -> dict:
         return {"kind": self.kind, "dataset": self.dataset, "split": self.split,
-                "num_samples": self.num_samples, "seed": self.seed}
+                "num_samples": self.num_samples, "seed": self.seed,
+                "streams": STREAMS_VERSION}
 
     def images(self, teacher=None, progress: bool = True):
         if self.dataset != "fashion_mnist":
@@ -55,7 +57,7 @@ class DataReference:
 
         images, labels = load_fashion_mnist(self.split, self.root)
         if self.num_samples is not None and self.num_samples < images.shape[0]:
-            idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))
+            idx = torch.randperm(images.shape[0], generator=stream("data-reference", self.seed))
             images, labels = images[idx[: self.num_samples]], labels[idx[: self.num_samples]]
         return images, labels
 
@@ -77,7 +79,7 @@ class ImageFolderReference:
 
         files = image_files(self.folder)
         if self.num_samples is not None and self.num_samples < len(files):
-            idx = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.seed))
+            idx = torch.randperm(len(files), generator=stream("data-reference", self.seed))
             files = [files[i] for i in idx[: self.num_samples].tolist()]
         return files
 
@@ -85,7 +87,8 @@ class ImageFolderReference:
         files = "\n".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self.files())
         return {"kind": self.kind, "folder": Path(self.folder).name,
                 "files_sha256": hashlib.sha256(files.encode()).hexdigest(),
-                "size": self._size(teacher), "num_samples": self.num_samples, "seed": self.seed}
+                "size": self._size(teacher), "num_samples": self.num_samples, "seed": self.seed,
+                "streams": STREAMS_VERSION}
 
     def _size(self, teacher) -> int:
         if self.size is None and teacher is None:
@@ -124,7 +127,7 @@ class TeacherReference:
                 "prediction_type": getattr(d, "prediction_type", None),
                 "num_classes": teacher.num_classes, "sampler": self.sampler, "steps": self.steps,
                 "guidance_scale": self.guidance_scale, "spacing": self.spacing,
-                "num_samples": self.num_samples, "seed": self.seed}
+                "num_samples": self.num_samples, "seed": self.seed, "streams": STREAMS_VERSION}
         if getattr(teacher, "prompts", None):  # text-to-image: the prompts the samples answer
             prov["prompts_sha256"] = hashlib.sha256("\n".join(teacher.prompts).encode()).hexdigest()
         return prov
@@ -136,7 +139,8 @@ class TeacherReference:
         device = next(iter(teacher.denoiser.buffers()), torch.empty(0)).device
         return teacher.as_images(*sample_teacher(
             teacher, self.num_samples, self.sampler, self.steps, self.guidance_scale, seed=self.seed,
-            batch_size=self.batch_size, device=device, progress=progress, spacing=self.spacing))
+            batch_size=self.batch_size, device=device, progress=progress, spacing=self.spacing,
+            purpose="teacher-reference"))
 
 
 def reference_key(provenance: dict) -> str:
