@@ -20,8 +20,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from dmd.denoisers import DiffusersUNetDenoiser
 from dmd.diffusion_module import DiffusionModule
+from dmd.draw import sample_teacher
 from dmd.runs import build_trainer, require, resolve_ckpt_path, run_dir, save_resolved_config
-from dmd.sample import sample_teacher
 from dmd.schedule import VPSchedule
 from dmd.teachers import load_teacher
 from dmd.visualize import save_sample_grid

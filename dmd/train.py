@@ -30,11 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmd.callbacks.evaluation import EvaluationCallback, update_results
 from dmd.distances import build_distance, digest
+from dmd.draw import sample_generator
 from dmd.generator import Generator, load_generator, save_generator
 from dmd.metrics.evaluator import check_independent
 from dmd.module import DMDModule, copy_denoiser
-from dmd.pairs import pairs_for_config
 from dmd.provenance import run_provenance
+from dmd.regression_pairs import pairs_for_config
 from dmd.runs import (
     build_trainer,
     finish_wandb,
@@ -44,7 +45,6 @@ from dmd.runs import (
     run_dir,
     save_resolved_config,
 )
-from dmd.sample import sample_generator
 from dmd.t2i.lora import add_lora
 from dmd.teachers import Teacher, load_teacher, weights_digest
 from dmd.visualize import save_sample_grid

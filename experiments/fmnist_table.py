@@ -11,7 +11,7 @@ generator. Columns: NFE, fid_fmnist vs the test split and vs the teacher's refer
 (Heun 8, CFG 2, 10k; conf/eval/fmnist.yaml), kid_fmnist vs data, class consistency, ms/image
 at batch 1 and at a large batch (warm median), speed-up against the teacher's best row. The
 issue's targets are checked and written below the table. Everything comes from
-:func:`dmd.evaluate.evaluate_model` with the evaluator composed from ``conf/evaluate.yaml``.
+:func:`dmd.evaluation.evaluate_model` with the evaluator composed from ``conf/evaluate.yaml``.
 Writes ``<out>.json`` and ``<out>.md`` (and a picture of each row's first samples).
 """
 
@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from dmd import ROOT_DIR
-from dmd.evaluate import evaluate_model, generator_model, teacher_model
+from dmd.evaluation import evaluate_model, generator_model, teacher_model
 from dmd.generator import load_generator
 from dmd.visualize import save_sample_grid
 

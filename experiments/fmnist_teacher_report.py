@@ -21,10 +21,10 @@ import torch
 
 from dmd import ROOT_DIR
 from dmd.data.fmnist import load_fashion_mnist
+from dmd.draw import sample_teacher
 from dmd.metrics.features import extract
 from dmd.metrics.fid import fid_from_features
 from dmd.metrics.fmnist import DEFAULT_CLASSIFIER, data_evaluator, load_classifier
-from dmd.sample import sample_teacher
 from dmd.sampling import nfe
 from dmd.teachers import load_teacher
 

@@ -26,9 +26,9 @@ from diffusers import DDPMScheduler
 
 from dmd import ROOT_DIR
 from dmd.data import GaussianMixture
+from dmd.draw import sample_generator, sample_teacher
 from dmd.generator import Generator, load_generator
 from dmd.metrics.mixture import mixture_report
-from dmd.sample import sample_generator, sample_teacher
 from dmd.teachers import gaussian_mixture_teacher, load_teacher
 from dmd.visualize import save_sample_grid
 

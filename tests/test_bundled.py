@@ -6,10 +6,10 @@ import torch
 from conftest import ROOT
 
 from dmd.data.fmnist import load_fashion_mnist
+from dmd.draw import sample_teacher
 from dmd.metrics.features import FashionMNISTClassifier, extract
 from dmd.metrics.fid import fid_from_features
 from dmd.metrics.fmnist import DEFAULT_CLASSIFIER, data_evaluator, load_classifier
-from dmd.sample import sample_teacher
 from dmd.teachers import load_teacher
 
 TEACHER = ROOT / "experiments" / "checkpoints" / "fmnist_teacher"

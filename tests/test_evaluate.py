@@ -34,7 +34,8 @@ def test_evaluate_a_teacher_setting_and_a_generator(cli, tmp_path):
     student = json.loads((tmp_path / "student" / "results.json").read_text())
     assert student["nfe"] == 1 and (tmp_path / "student" / "samples.png").is_file()
     # The references were computed once, by the first run, and reused (not rewritten) by the second.
-    assert sorted((tmp_path / "cache" / "references").glob("*.safetensors")) == refs and len(refs) == 2
+    # (data and teacher, each in both feature spaces: fmnist and fmnist_resnet)
+    assert sorted((tmp_path / "cache" / "references").glob("*.safetensors")) == refs and len(refs) == 4
     assert [p.stat().st_mtime_ns for p in refs] == written
     # The teacher's yardstick is measured on as many samples as the model's.
     assert student["teacher_metrics"] == teacher["teacher_metrics"]
@@ -61,7 +62,7 @@ def test_table_command_writes_rows_and_the_targets(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = out.with_suffix(".md").read_text()
     assert "| teacher ddim 1, CFG 1 |" in md and "| DMD2 1-step" in md
-    assert "Targets (issue 4):" in md and md.count("- met:") + md.count("- MISSED:") == 5
+    assert "Targets (issue 13):" in md and md.count("- met:") + md.count("- MISSED:") == 7
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["label"] for r in report["rows"]] == ["teacher ddim 1, CFG 1", "teacher ddim 1, CFG 2",
                                                     "DMD2 1-step"]

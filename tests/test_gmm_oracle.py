@@ -5,9 +5,9 @@ import json
 import pytest
 
 from dmd.data import GaussianMixture
+from dmd.draw import sample_generator
 from dmd.generator import load_generator
 from dmd.metrics.mixture import energy_distance, mixture_report
-from dmd.sample import sample_generator
 
 
 def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():

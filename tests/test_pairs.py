@@ -6,7 +6,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from dmd.pairs import pairs_for_config
+from dmd.regression_pairs import pairs_for_config
 
 
 def test_the_pair_cache_is_shared_by_copies_of_one_teacher(tmp_path):

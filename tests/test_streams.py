@@ -12,12 +12,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import dmd.sample
+import dmd.draw
 from dmd import ROOT_DIR
+from dmd.draw import sample_generator, sample_teacher
 from dmd.metrics.reference import TeacherReference
 from dmd.module import training_rng
-from dmd.pairs import make_pairs
-from dmd.sample import sample_generator, sample_teacher
+from dmd.regression_pairs import make_pairs
 from dmd.streams import PURPOSES, STREAMS_VERSION, stream_seed
 from dmd.teachers import Teacher
 
@@ -36,7 +36,7 @@ class _IdentityGenerator(torch.nn.Module):
 @pytest.fixture
 def noise_recorder(monkeypatch):
     """The teacher's ODE sampler replaced by the identity: sample_teacher returns its noise."""
-    monkeypatch.setattr(dmd.sample, "sample", lambda denoiser, z, *args, **kwargs: z)
+    monkeypatch.setattr(dmd.draw, "sample", lambda denoiser, z, *args, **kwargs: z)
 
 
 def _compose(preset, overrides=()):
@@ -90,7 +90,7 @@ def test_streams_are_keyed_by_purpose_and_seed():
 
 
 def test_caches_of_another_derivation_are_not_reused(tmp_path, noise_recorder):
-    from dmd.pairs import load_or_make_pairs
+    from dmd.regression_pairs import load_or_make_pairs
 
     teacher = Teacher(torch.nn.Identity(), (2,), num_classes=0)
     load_or_make_pairs(teacher, {"teacher": "x"}, tmp_path, 8, "heun", 1, 1.0, seed=0)

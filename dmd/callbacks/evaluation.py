@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from dmd.draw import sample_generator
 from dmd.files import atomic_path
-from dmd.sample import sample_generator
 from dmd.visualize import save_sample_grid
 
 log = logging.getLogger(__name__)

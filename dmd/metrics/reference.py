@@ -133,7 +133,7 @@ class TeacherReference:
         return prov
 
     def images(self, teacher=None, progress: bool = True):
-        from dmd.sample import sample_teacher
+        from dmd.draw import sample_teacher
 
         # Sample where the teacher already is: during training it is the live real score.
         device = next(iter(teacher.denoiser.buffers()), torch.empty(0)).device
