@@ -26,7 +26,8 @@ ROWS = [
     ("fmnist_dmd2", "w/o regression + TTUR 5 + GAN (DMD2)", "1.51"),
     ("abl_gan_only", "GAN loss only (no distribution matching), TTUR 5", "-"),
 ]
-METRICS = ["fid_fmnist_vs_data", "fid_fmnist_vs_teacher", "kid_fmnist_vs_data", "class_consistency"]
+METRICS = ["fid_fmnist_vs_data", "fid_fmnist_resnet_vs_data", "fid_fmnist_vs_teacher", "kid_fmnist_vs_data",
+           "precision_fmnist_vs_data", "recall_fmnist_vs_data", "class_consistency"]
 
 
 def main() -> None:
