@@ -182,6 +182,25 @@ def compare(paths=(), metrics: list[str] | None = None, runs: list[dict] | None 
     return Comparison(runs, swept, list(metrics), out)
 
 
+def stat_cells(group: dict, metrics) -> list[str]:
+    """'mean ± std' cells (3 decimals) of one group of ``compare``, '-' where a metric is missing."""
+    cells = []
+    for m in metrics:
+        mean, std, _ = group["stats"].get(m, (None, None, 0))
+        cells.append("-" if mean is None else f"{mean:.3f} ± {std:.3f}")
+    return cells
+
+
+def sweep_report_args(description: str, metrics) -> tuple[Comparison, Path]:
+    """The command line of the experiments' sweep reports (``<sweep dir> [--out DIR]``): the
+    sweep compared on ``metrics`` and the output folder."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("sweep", help="the sweep's multirun dir")
+    p.add_argument("--out", default="experiments/results")
+    args = p.parse_args()
+    return compare([args.sweep], metrics), Path(args.out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="*", help="a multirun dir, or run dirs")

@@ -397,8 +397,8 @@ def _watch(x: torch.Tensor, name: str, norms: dict, rescale: torch.Tensor | None
     def hook(grad):
         norm = grad.detach().float().norm()
         if rescale is not None:
-            grad = grad * (rescale / norm.clamp_min(1e-12)).to(grad.dtype)
-            norm = grad.detach().float().norm()
+            factor = rescale / norm.clamp_min(1e-12)
+            grad, norm = grad * factor.to(grad.dtype), norm * factor
         norms[name] = norm
         return grad
 

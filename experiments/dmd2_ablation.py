@@ -12,11 +12,10 @@ reference only: another dataset, another metric scale, and runs thousands of tim
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from dmd.compare import compare
+from dmd.compare import stat_cells, sweep_report_args
 
 # (experiment, row label, ImageNet-64 FID reported by the DMD2 authors or "-" when not quoted here)
 ROWS = [
@@ -31,21 +30,13 @@ METRICS = ["fid_fmnist_vs_data", "fid_fmnist_resnet_vs_data", "fid_fmnist_vs_tea
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep", help="the ablation's multirun dir")
-    p.add_argument("--out", default="experiments/results")
-    args = p.parse_args()
-    out = Path(args.out)
-    c = compare([args.sweep], METRICS)
+    c, out = sweep_report_args(__doc__.split("\n\n")[0], METRICS)
     by_experiment = {g["params"]["experiment"]: g for g in c.groups}
     head = ["row", "experiment", "n", *(f"{m} (mean ± std)" for m in METRICS), "failed", "ImageNet-64 FID (paper)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for experiment, label, paper in ROWS:
         g = by_experiment.get(experiment, {"n": 0, "failed": 0, "stats": {}})
-        cells = [label, f"`{experiment}`", str(g["n"])]
-        for m in METRICS:
-            mean, std, _ = g["stats"].get(m, (None, None, 0))
-            cells.append("-" if mean is None else f"{mean:.3f} ± {std:.3f}")
+        cells = [label, f"`{experiment}`", str(g["n"]), *stat_cells(g, METRICS)]
         lines += ["| " + " | ".join([*cells, str(g["failed"]), paper]) + " |"]
     table = "\n".join(lines)
     runs = [json.loads((Path(r["dir"]) / "results.json").read_text()) for r in c.runs

@@ -9,13 +9,12 @@ Writes ``<out>/gan_balance.{md,json}`` and the comparison plots (``<out>/gan_bal
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import statistics
 from pathlib import Path
 
-from dmd.compare import compare
+from dmd.compare import stat_cells, sweep_report_args
 
 METRICS = ["fid_fmnist_vs_data", "fid_fmnist_resnet_vs_data", "fid_fmnist_vs_teacher",
            "precision_fmnist_vs_data", "recall_fmnist_vs_data", "class_consistency"]
@@ -35,12 +34,7 @@ def gradient_ratio(run_dir: Path) -> float | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep", help="the sweep's multirun dir")
-    p.add_argument("--out", default="experiments/results")
-    args = p.parse_args()
-    out = Path(args.out)
-    c = compare([args.sweep], METRICS)
+    c, out = sweep_report_args(__doc__.split("\n\n")[0], METRICS)
     ratios: dict[str, list[float]] = {}
     for r in c.runs:
         ratio = gradient_ratio(Path(r["dir"]))
@@ -49,10 +43,7 @@ def main() -> None:
     head = ["balance", "n", *(f"{m} (mean ± std)" for m in METRICS), "‖∇GAN‖/‖∇DM‖ (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in c.groups:
-        cells = [str(g["params"].get(KEY)), str(g["n"])]
-        for m in METRICS:
-            mean, std, _ = g["stats"].get(m, (None, None, 0))
-            cells.append("-" if mean is None else f"{mean:.3f} ± {std:.3f}")
+        cells = [str(g["params"].get(KEY)), str(g["n"]), *stat_cells(g, METRICS)]
         r = ratios.get(str(g["params"].get(KEY)))
         cells.append("-" if not r else f"{statistics.fmean(r):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
