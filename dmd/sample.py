@@ -23,13 +23,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dmd.data.fmnist import to_uint8
 from dmd.draw import sample_generator, sample_teacher
 from dmd.generator import load_generator
 from dmd.runs import require, run_dir, save_resolved_config
 from dmd.sampling import SAMPLERS, nfe
 from dmd.teachers import Teacher
-from dmd.visualize import save_sample_grid
+from dmd.visualize import save_sample_grid, to_uint8
 
 log = logging.getLogger(__name__)
 

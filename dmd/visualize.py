@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def save_sample_grid(samples: torch.Tensor, path: str | Path, nrow: int = 10) -> Path:
@@ -13,6 +17,8 @@ def save_sample_grid(samples: torch.Tensor, path: str | Path, nrow: int = 10) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if samples.ndim == 4:
+        from torchvision.utils import save_image  # (a second to import: only when drawing images)
+
         save_image(samples.float().clamp(-1, 1), str(path), nrow=nrow, normalize=True,
                    value_range=(-1, 1), padding=1)
     elif samples.ndim == 2 and samples.shape[1] == 2:

@@ -20,6 +20,7 @@ def classifier():
     return load_classifier()
 
 
+@pytest.mark.slow
 def test_feature_network_accuracy(classifier):
     images, labels = load_fashion_mnist("test")
     _, logits = extract(classifier, images)
@@ -42,6 +43,7 @@ def test_corrupt_classifier_weights_are_reported(tmp_path):
         FashionMNISTClassifier.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_bundled_teacher_samples_the_requested_classes(tmp_path):
     teacher = load_teacher(str(TEACHER))
     assert teacher.num_classes == 10 and teacher.sample_shape == (1, 28, 28)

@@ -43,6 +43,7 @@ def test_compare_aggregates_over_seeds_and_reports_failures(tmp_path):
     assert {p.name for p in plots} == {"fid_vs_algorithm.ttur_ratio.png", "fid_vs_generator_step.png"}
 
 
+@pytest.mark.slow
 def test_toy_multirun_logs_to_wandb_offline_and_compares(cli, tmp_path):
     sweep = tmp_path / "sweep"
     cli("dmd.train", "-m", *TOY, "logger=wandb", "algorithm.ttur_ratio=1,2", "seed=0,1",
@@ -115,6 +116,7 @@ def test_compare_pulls_a_wandb_group_through_the_public_api():
         group_runs("me/dmd", "other", api=api)
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli("dmd.train", "-m", *TOY, "logger=none", "algorithm.ttur_ratio=0,2",
@@ -127,6 +129,7 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
     assert "| 0 | 0 |" in md and "| 2 | 1 |" in md and "Failed:" in md
 
 
+@pytest.mark.slow
 def test_the_same_toy_job_twice_gives_identical_metrics(cli, tmp_path):
     metrics = []
     for name in ("a", "b"):
@@ -173,6 +176,7 @@ def test_launchers_compose_and_the_slurm_launcher_instantiates():
     assert local.hydra.launcher._target_.endswith("JoblibLauncher")
 
 
+@pytest.mark.slow
 def test_a_sweep_preset_runs_as_a_multirun(cli, tmp_path):
     cli("dmd.train", "-m", "+sweep=seeds", *TOY, "logger=none", f"hydra.sweep.dir={tmp_path}")
     seeds = sorted(json.loads((tmp_path / str(i) / "results.json").read_text())["config"]["seed"]

@@ -27,6 +27,7 @@ def ddp_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_the_same_generator_and_backward_simulation_steps(cli, ddp_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ddp_run, run)
@@ -45,6 +46,7 @@ def test_two_processes_end_with_the_same_generator_and_backward_simulation_steps
     assert proc.returncode != 0 and "written by 2 process(es), this run has 1" in proc.stderr
 
 
+@pytest.mark.slow
 def test_fully_sharded_training_matches_ddp_and_resumes_from_its_shards(cli, ddp_run, tmp_path):
     run = tmp_path / "fsdp"
     cli("dmd.train", *GMM, "trainer=fsdp_cpu", "max_iterations=10", f"hydra.run.dir={run}")
@@ -72,6 +74,7 @@ def test_fully_sharded_training_matches_ddp_and_resumes_from_its_shards(cli, ddp
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_fully_sharded_text_to_image_lora_matches_ddp(cli, tmp_path):
     """FSDP units inside a LoRA-adapted, gradient-checkpointed SDXL-like UNet (frozen base
     weights and trained adapters share units), released as a diffusers LoRA file."""

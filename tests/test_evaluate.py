@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 # A small teacher reference (10k Heun samples would take half an hour on a CPU).
@@ -14,6 +15,7 @@ TINY_EVAL = ["eval.num_samples=40", "eval.evaluator.references.teacher.num_sampl
 STUDENT = ROOT / "experiments" / "checkpoints" / "fmnist_dmd2_1step"
 
 
+@pytest.mark.slow
 def test_evaluate_a_teacher_setting_and_a_generator(cli, tmp_path):
     cache = f"paths.cache_dir={tmp_path}/cache"
     cli("dmd.evaluate", *TINY_EVAL, "sampler.name=ddim", "sampler.steps=2", cache,
@@ -42,6 +44,7 @@ def test_evaluate_a_teacher_setting_and_a_generator(cli, tmp_path):
     assert all(v > 0 for v in student["latency_ms_per_image"].values())  # speed: benchmarks only
 
 
+@pytest.mark.slow
 def test_evaluate_a_2d_teacher_with_the_mixture_oracle(cli, tmp_path):
     cli("dmd.evaluate", "data=gmm8", "teacher=gmm8", "eval=mixture", "sampler=ddim",
         "sampler.steps=8", "eval.num_samples=2000", "latency.batch_sizes=[1]", "latency.repeats=2",
@@ -51,6 +54,7 @@ def test_evaluate_a_2d_teacher_with_the_mixture_oracle(cli, tmp_path):
     assert r["metrics"]["min_mode_share"] > 0.08 and r["metrics"]["energy_distance"] < 0.05
 
 
+@pytest.mark.slow
 def test_table_command_writes_rows_and_the_targets(tmp_path):
     out = tmp_path / "table"
     overrides = [o.replace("eval.num_samples=40", "eval.num_samples=10") for o in TINY_EVAL[1:5]]
@@ -70,7 +74,65 @@ def test_table_command_writes_rows_and_the_targets(tmp_path):
     assert len(list((tmp_path / "table_samples").glob("*.png"))) == 3
 
 
+@pytest.mark.slow
 def test_table_command_refuses_a_missing_generator(tmp_path):
     proc = subprocess.run([sys.executable, "experiments/fmnist_table.py", "--generator",
                            f"DMD=/{tmp_path}/nope"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "LABEL=RUN_DIR" in proc.stderr
+
+
+def test_every_evaluation_path_scores_samples_against_the_labels_they_were_drawn_for(tmp_path):
+    """A generator that answers each label with a real test image of that class scores class
+    consistency 1 through dmd.sample/evaluate's draw, evaluate_model and the training callback;
+    a label shifted by one anywhere on the way would score 0."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from dmd.callbacks.evaluation import EvaluationCallback
+    from dmd.data.fmnist import load_fashion_mnist
+    from dmd.denoisers import Denoiser
+    from dmd.draw import sample_generator
+    from dmd.evaluation import evaluate_model, generator_model
+    from dmd.generator import Generator
+    from dmd.metrics.extractors import FMNISTFeatures
+    from dmd.schedule import VPSchedule
+    from dmd.teachers import Teacher
+
+    images, labels = load_fashion_mnist("test")
+    images = images[:300].float() / 127.5 - 1  # samples are images in [-1, 1]
+    classifier = FMNISTFeatures()
+    predicted = classifier(images)[1].argmax(1)
+    # One real image per class that the classifier gets right: the sample drawn for that class.
+    prototypes = torch.stack([images[(labels[:300] == c) & (predicted == c)][0] for c in range(10)])
+
+    class Prototypes(Denoiser):
+        def network_output(self, x_t, t, cond):
+            return prototypes[cond] + 0 * x_t
+
+    info = Teacher(Prototypes(VPSchedule.from_diffusers(DDPMScheduler()), "sample"), (1, 28, 28), num_classes=10)
+    generator = Generator(info.denoiser, (999,))
+
+    def consistency(samples, drawn_for, prompts=None):
+        return {"class_consistency": (classifier(samples)[1].argmax(1) == drawn_for).float().mean().item()}
+
+    samples, drawn_for = sample_generator(generator, info, 60, batch_size=25, device="cpu", progress=False)
+    assert torch.equal(drawn_for, torch.arange(60) % 10)
+    assert consistency(samples, drawn_for)["class_consistency"] == 1.0
+    result, _ = evaluate_model(generator_model(generator, info), consistency, 60, batch_size=25,
+                               latency_batch_sizes=(1,), repeats=1, warmup=0, device="cpu", progress=False)
+    assert result["metrics"]["class_consistency"] == 1.0
+
+    class Evaluator:  # the callback's view of an evaluator
+        teacher = info
+        __call__ = staticmethod(consistency)
+
+        def teacher_metrics(self, n):
+            return {}
+
+    callback = EvaluationCallback(Evaluator(), num_samples=60, grid_size=10, batch_size=25)
+    module = SimpleNamespace(generator_steps=1, iteration=1, teacher=info, device=torch.device("cpu"),
+                             release_generator=lambda: generator)
+    trainer = SimpleNamespace(global_rank=0, default_root_dir=str(tmp_path), loggers=[], global_step=1)
+    assert callback.evaluate(trainer, module)["class_consistency"] == 1.0

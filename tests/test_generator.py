@@ -39,6 +39,19 @@ def test_backward_simulation_differentiates_only_the_last_step():
         assert all(p.grad is not None for p in gen.parameters())
 
 
+def test_backward_simulation_builds_a_graph_through_step_k_only():
+    """Steps 0..k-1 run without autograd (one graph per training sample, not k of them)."""
+    gen = Generator(MLPDenoiser(_sched(), "epsilon", hidden=16, depth=2), [999, 749, 499, 249])
+    grad_modes = []
+    gen.denoiser.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    z = torch.randn(8, 2)
+    for k in range(4):
+        grad_modes.clear()
+        x = gen.backward_simulation(z, None, k, generator=torch.Generator().manual_seed(5))
+        assert grad_modes == [False] * k + [True]
+        assert x.grad_fn is not None
+
+
 def test_backward_simulation_step_is_shared_and_uniform():
     picks = [backward_simulation_step(i, 4, seed=7) for i in range(4000)]
     assert picks == [backward_simulation_step(i, 4, seed=7) for i in range(4000)]  # any rank

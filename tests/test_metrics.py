@@ -226,3 +226,47 @@ def test_an_evaluators_network_as_a_training_signal_is_refused():
         check_independent({"algorithm.regression.network": digest(shared)}, _Evaluator())
     independent = build_distance("perceptual", checkpoints / "fmnist_perceptual")
     check_independent({"algorithm.regression.network": digest(independent)}, _Evaluator())
+
+
+def test_clip_score_is_higher_for_matching_prompts_than_for_shuffled_ones(tmp_path):
+    """CLIPScorer must score images[i] against prompts[i] (across its batches): a tiny CLIP whose
+    towers are replaced by designed ones (image -> its dominant colours, text -> the colours it
+    names) scores ~100 on matching pairs and far less on shuffled ones."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from dmd.metrics.clip import CLIPScorer
+
+    colours = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
+               "yellow": (1, 1, 0), "cyan": (0, 1, 1), "magenta": (1, 0, 1)}
+    scorer = CLIPScorer(_tiny_clip(tmp_path / "clip"), batch_size=4)  # 6 images: batches of 4 and 2
+    clip, tokenizer = scorer.metric.model.model, scorer.metric.processor.tokenizer
+
+    class Tower(torch.nn.Module):  # stands in for CLIP's vision / text transformer
+        def __init__(self, features):
+            super().__init__()
+            self.features = features
+
+        def forward(self, *args, **kwargs):
+            feats = self.features(*args, **kwargs)
+            return BaseModelOutputWithPooling(pooler_output=torch.nn.functional.pad(feats, (0, 13)))
+
+    def image_colours(pixel_values, **kwargs):  # channel means above their average
+        m = pixel_values.mean(dim=(2, 3))
+        return (m - m.mean(dim=1, keepdim=True)).clamp(min=0)
+
+    def text_colours(input_ids, **kwargs):
+        words = [tokenizer.decode(ids, skip_special_tokens=True).split() for ids in input_ids]
+        return torch.tensor([next(colours[w] for w in ws if w in colours) for ws in words], dtype=torch.float)
+
+    clip.vision_model, clip.text_model = Tower(image_colours), Tower(text_colours)
+    with torch.no_grad():  # the real projections, keeping the 3 designed coordinates
+        clip.visual_projection.weight.copy_(torch.eye(8, 16))
+        clip.text_projection.weight.copy_(torch.eye(8, 16))
+    names = list(colours)
+    rgb = torch.tensor([colours[n] for n in names], dtype=torch.float)[:, :, None, None] * 2 - 1
+    images = (rgb + 0.1 * torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    prompts = [f"a {n} square" for n in names]
+    matched = scorer(images, prompts)
+    assert matched > 99
+    for shuffled in (prompts[::-1], prompts[1:] + prompts[:1], [prompts[i] for i in (1, 0, 3, 2, 5, 4)]):
+        assert scorer(images, shuffled) < matched - 25

@@ -22,3 +22,25 @@ def test_the_pair_cache_is_shared_by_copies_of_one_teacher(tmp_path):
     files = list((tmp_path / "cache" / "pairs").glob("*"))
     assert sorted(f.suffix for f in files) == [".json", ".safetensors"]  # one set, no temporary left
     assert all(made[0][k].equal(made[1][k]) for k in made[0])
+
+
+def test_each_pair_is_the_teachers_sample_for_its_own_noise_and_label():
+    """Pairs drawn in batches: pair i's image is what the teacher's sampler makes of noise i and label i."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from dmd.denoisers import MLPDenoiser
+    from dmd.regression_pairs import make_pairs
+    from dmd.sampling import sample
+    from dmd.schedule import VPSchedule
+    from dmd.teachers import Teacher
+
+    torch.manual_seed(0)
+    denoiser = MLPDenoiser(VPSchedule.from_diffusers(DDPMScheduler()), "epsilon", hidden=16, depth=2, num_classes=3)
+    teacher = Teacher(denoiser.requires_grad_(False), (2,), num_classes=3)
+    pairs = make_pairs(teacher, 7, "heun", 2, guidance_scale=2.0, batch_size=3)
+    assert torch.equal(pairs["labels"], teacher.labels(7))
+    for i in range(7):
+        alone = sample(denoiser, pairs["noise"][i:i + 1], pairs["labels"][i:i + 1], teacher.null_condition(1),
+                       "heun", 2, 2.0)
+        torch.testing.assert_close(pairs["images"][i:i + 1], alone)

@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from dmd.teachers import load_teacher
 
 
+@pytest.mark.slow
 def test_pretrain_saves_a_loadable_teacher_and_resumes(cli, tmp_path):
     run = tmp_path / "run"
     args = ["network=tiny_unet", "trainer=smoke", f"hydra.run.dir={run}", "grid.num_samples=4",

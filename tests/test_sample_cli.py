@@ -1,10 +1,12 @@
 """The sampling CLI contract: python -m dmd.sample num_samples=N out=FILE.npz seed=S."""
 
 import numpy as np
+import pytest
 
 from dmd.data import GaussianMixture
 
 
+@pytest.mark.slow
 def test_gmm_samples_are_points_and_seeded(cli, tmp_path):
     outs = []
     for i, seed in enumerate((1, 1, 2)):

@@ -48,7 +48,8 @@ def test_a_bf16_teacher_answers_in_the_callers_precision(tmp_path, pipelines):
     assert teacher.to_images(x0).shape == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize("kind,lora", [("sd15", 0), ("sd15", 4), ("sdxl", 0), ("sdxl", 4)])
+@pytest.mark.parametrize("kind,lora", [("sd15", 0), *(pytest.param(k, r, marks=pytest.mark.slow)
+                                                    for k, r in [("sd15", 4), ("sdxl", 0), ("sdxl", 4)])])
 def test_t2i_tiny_trains_and_releases_a_pipeline(cli, tmp_path, kind, lora):
     run = tmp_path / "run"
     # A large step (lr 1e-3, no warmup) so that two generator updates visibly move the adapters.
@@ -135,6 +136,7 @@ def test_prompt_files_are_read_and_bad_ones_refused(tmp_path):
         PromptDataModule(str(tmp_path / "half.jsonl"), "unused")
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_gradient_checkpointing_train_the_tiny_pipeline(cli, tmp_path):
     run = tmp_path / "run"
     cli("dmd.train", "experiment=t2i_tiny", "max_iterations=2", "trainer.precision=bf16-mixed",
@@ -283,3 +285,86 @@ def test_prompt_data_is_encoded_once_per_node_and_read_memory_mapped(tmp_path, p
     real, batch_cond = next(iter(rank1.train_dataloader()))
     assert real.shape == (4, 4, 16, 16) and real.abs().sum() > 0  # the paired images' latents
     assert batch_cond["added_cond_kwargs"]["time_ids"].shape == (4, 6)
+
+
+def _image(i: int):
+    """Real image i: noise seeded by i (constant images would lose their value in the VAE's norms)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("source,kind", [("jsonl", "sdxl"), ("folder", "sd15"), ("shards", "sd15"),
+                                         ("latents", "sdxl")])
+def test_batches_pair_each_prompt_with_its_own_real_image(tmp_path, pipelines, source, kind):
+    """Every row of a shuffled training batch holds prompt j's embedding (as the encoder answers
+    it) next to the real image / latent that belongs to prompt j, for each source of real images:
+    a misalignment would make the GAN loss see real images under other captions."""
+    import tarfile
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from dmd.conditioning import flatten_condition
+    from dmd.data.prompts import PromptDataModule, to_tensors
+    from dmd.t2i.text import PromptEncoder
+
+    path = pipelines[kind].path
+    # Short prompts: the bundled ones differ only past the tiny tokenizer's 16 tokens.
+    prompts = [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("square", "circle", "star")]
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n".join(prompts))
+    n = {"folder": 6, "latents": 5}.get(source, len(prompts))  # fewer real images than prompts: cycled
+    kwargs = dict(batch_size=4, seed=1, cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "img").mkdir()
+    if source == "jsonl":  # row j's file names are not in row order: sorting them would misalign
+        rows = [{"prompt": p, "image": f"img/{(5 * j + 3) % n:02d}.png"} for j, p in enumerate(prompts)]
+        for j, row in enumerate(rows):
+            _image(j).save(tmp_path / row["image"])
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        data = PromptDataModule(str(tmp_path / "p.jsonl"), path, **kwargs)
+    elif source == "folder":  # image k (sorted by name) goes with prompts k, k + n, ...
+        for k in range(n):
+            _image(k).save(tmp_path / "img" / f"{k:02d}.png")
+        data = PromptDataModule(str(txt), path, images=str(tmp_path / "img"), **kwargs)
+    elif source == "shards":  # two shards, read in order
+        for s in range(2):
+            with tarfile.open(tmp_path / f"shard-{s}.tar", "w") as tar:
+                for k in range(s * n // 2, (s + 1) * n // 2):
+                    _image(k).save(tmp_path / "x.png")
+                    tar.add(tmp_path / "x.png", arcname=f"{k:06d}.png")
+        data = PromptDataModule(str(txt), path, shards=str(tmp_path / "shard-{0..1}.tar"), **kwargs)
+    else:  # pre-encoded latent k is filled with k
+        filled = torch.arange(n, dtype=torch.float)[:, None, None, None].expand(n, 4, 16, 16)
+        save_file({"latents": filled.clone()}, tmp_path / "latents.safetensors")
+        data = PromptDataModule(str(txt), path, latents=str(tmp_path / "latents.safetensors"), **kwargs)
+    data.setup()
+
+    # References computed here, one prompt / image at a time (no batch to misorder).
+    encoder = PromptEncoder.from_pretrained(path, image_size=32)
+    each = [flatten_condition(encoder([p])) for p in prompts]
+    expected = {key: torch.cat([c[key] for c in each]) for key in each[0]}
+    torch.testing.assert_close(flatten_condition(encoder(prompts, batch_size=5)), expected)  # chunks in order
+    hidden = expected["encoder_hidden_states"].flatten(1)
+    assert torch.cdist(hidden, hidden).add(torch.eye(len(prompts)) * 1e9).min() > 1e-2  # distinguishable
+    if source == "latents":
+        reference = filled
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
+        with torch.no_grad():
+            means = [vae.encode(to_tensors([_image(k)], 32)).latent_dist.mean for k in range(n)]
+        reference = torch.cat(means) * vae.config.scaling_factor
+
+    seen = []
+    for real, cond in data.train_dataloader():
+        cond = flatten_condition(cond)
+        for b in range(real.shape[0]):  # which prompt's condition, which image's latent
+            j = int(torch.cdist(cond["encoder_hidden_states"][b].flatten()[None], hidden).argmin())
+            k = int(torch.cdist(real[b].flatten()[None], reference.flatten(1)).argmin())
+            for key, rows in expected.items():  # every part of the condition is prompt j's
+                torch.testing.assert_close(cond[key][b], rows[j], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(real[b], reference[k], atol=1e-3, rtol=1e-3)
+            assert k == j % n, f"prompt {j} was paired with the real image of prompt {k}"
+            seen.append(j)
+    assert sorted(seen) == list(range(len(prompts))) and seen != sorted(seen)  # one shuffled epoch

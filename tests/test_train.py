@@ -59,6 +59,7 @@ def test_released_generator_samples_through_the_cli(cli, tmp_path):
     assert np.isfinite(data["arr_0"]).all() and (data["arr_1"] == -1).all()
 
 
+@pytest.mark.slow
 def test_sampling_a_run_without_a_generator_is_refused(cli, tmp_path):
     proc = cli("dmd.sample", f"ckpt={tmp_path}", "num_samples=4", f"out={tmp_path}/x.npz",
                f"hydra.run.dir={tmp_path}/sample", check=False)
@@ -75,7 +76,8 @@ EVAL_KEYS = {"eval/fid_fmnist_vs_data", "eval/kid_fmnist_vs_data", "eval/fid_fmn
              "eval/iteration", "eval/teacher/fid_fmnist_vs_data", "eval/teacher/class_consistency"}
 
 
-@pytest.mark.parametrize("preset,nfe", [("fmnist_dmd", 1), ("fmnist_dmd2", 1), ("fmnist_dmd2_4step", 4)])
+@pytest.mark.parametrize("preset,nfe", [pytest.param("fmnist_dmd", 1, marks=pytest.mark.slow), ("fmnist_dmd2", 1),
+                                        pytest.param("fmnist_dmd2_4step", 4, marks=pytest.mark.slow)])
 def test_fmnist_presets_run_and_evaluate_during_training(cli, tmp_path, preset, nfe):
     run = tmp_path / preset
     cli("dmd.train", f"experiment={preset}", *FMNIST_TINY, "algorithm.regression.num_pairs=8",
@@ -98,6 +100,7 @@ def test_fmnist_presets_run_and_evaluate_during_training(cli, tmp_path, preset, 
         assert len(list((tmp_path / "cache" / "pairs").glob("*.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_mistyped_algorithm_key_is_refused(cli, tmp_path):
     proc = cli("dmd.train", "experiment=gmm_dmd2", "algorithm.ttur_ration=3",
                f"hydra.run.dir={tmp_path}/run", check=False)
@@ -120,6 +123,7 @@ def test_a_regression_distance_on_an_evaluators_network_is_refused_before_anythi
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()
 
 
+@pytest.mark.slow
 def test_resuming_keeps_the_csv_log_of_the_part_before(cli, tmp_path):
     run = tmp_path / "run"
     base = [o for o in TINY_GMM if o != "logger=none"] + ["logger=csv", "trainer.log_every_n_steps=1"]

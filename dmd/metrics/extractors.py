@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dmd.data.fmnist import to_uint8
 from dmd.metrics.features import FashionMNISTClassifier, extract
+from dmd.visualize import to_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
