@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.setup-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-fast mutations lint
 setup: $(STAMP)
 
 # torch/torchvision first, pinned: on the project's machines they install from local wheels
@@ -26,6 +26,14 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The fast tier (slow-marked tests left out): about 3.5 minutes on 2 cores.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# Plausible bugs applied one at a time to a copy of the tree, each against the fast tier.
+mutations: setup
+	$(PY) experiments/mutations.py
 
 lint: setup
 	$(PY) -m ruff check dmd tests experiments

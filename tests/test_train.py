@@ -85,13 +85,15 @@ def test_fmnist_presets_run_and_evaluate_during_training(cli, tmp_path, preset, 
         f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}")
     results = json.loads((run / "results.json").read_text())
     assert results["nfe"] == nfe and results["iterations"] == 6
-    assert 0 <= results["metrics"]["class_consistency"] <= 1
+    # Class consistency well above chance (0.1) and far above a label shifted by one (~0): the 1-step
+    # fmnist_dmd2 student measured 0.55 here (20 samples), its 1-step teacher reference 0.90 (50).
+    assert results["metrics"]["class_consistency"] >= 0.3
     # The evaluation callback: every generator step here (ratio 1: 6 of them, TTUR 5: 2), in
     # results.json, in the logger and as fixed-noise grids.
     steps = [e["generator_step"] for e in results["evaluations"]]
     assert steps == list(range(1, results["generator_steps"] + 1)) and len(steps) >= 2
     assert results["metrics"] == results["evaluations"][-1]["metrics"]
-    assert 0 <= results["teacher_metrics"]["teacher/class_consistency"] <= 1
+    assert results["teacher_metrics"]["teacher/class_consistency"] >= 0.5
     (log,) = (run / "csv").glob("version_*/metrics.csv")
     header = log.read_text().splitlines()[0].split(",")
     assert EVAL_KEYS <= set(header), EVAL_KEYS - set(header)

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dmd.denoisers import Denoiser, MLPDenoiser
-from dmd.gan import discriminator_logits
-from dmd.generator import Generator
+from dmd.gan import bottleneck_features, discriminator_logits
+from dmd.generator import Generator, backward_simulation_step
 from dmd.module import DMDModule, trainable
 from dmd.schedule import VPSchedule
 from dmd.teachers import Teacher
@@ -137,6 +137,37 @@ def test_the_fake_score_learns_to_denoise_the_detached_generator_samples(tmp_pat
     loss.backward()
     for hand, trained in zip(fake0.parameters(), fake.inner.parameters(), strict=True):
         torch.testing.assert_close(trained.grad, hand.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_the_fake_score_step_adds_the_discriminator_loss_with_its_weight(tmp_path):
+    module = _module(gan_discriminator_weight=0.3)
+    fake0, head0 = copy.deepcopy(module.fake_score.inner), copy.deepcopy(module.gan_head)
+    _fit(module, tmp_path)
+    fake, sched = module.fake_score, module.fake_score.schedule
+    x = 0.5 * module.generator.denoiser.calls[0]["x_t"]
+    denoise, on_real, on_fake = fake.calls[-3:]  # the fake step: denoising, then D(real), D(fake)
+    a, s = sched.alpha_sigma(denoise["t"], x)
+    eps = (denoise["x_t"].double() - a * x.double()) / s
+    target = sched.target(x.double(), eps, denoise["t"], "v_prediction")
+    loss = F.mse_loss(fake0.network_output(denoise["x_t"], denoise["t"], LABELS).float(), target.float())
+
+    def logits(call):  # the head on the fake network's bottleneck (MLPNet: its ``mid`` layer)
+        return head0(bottleneck_features(fake0, call["x_t"], call["t"], call["cond"]))
+
+    loss = loss + 0.3 * (F.softplus(-logits(on_real)).mean() + F.softplus(logits(on_fake)).mean())
+    loss.backward()
+    for hand, trained in zip([*fake0.parameters(), *head0.parameters()],
+                             [*fake.inner.parameters(), *module.gan_head.parameters()], strict=True):
+        torch.testing.assert_close(trained.grad, hand.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_backward_simulation_trains_the_step_the_iteration_draws(tmp_path):
+    module = _module()
+    module.generator = Generator(module.generator.denoiser, (999, 749, 499, 249))
+    _fit(module, tmp_path, iterations=6)
+    modes = [c["grad"] for c in module.generator.denoiser.calls]
+    expected = [m for i in range(6) for m in [False] * backward_simulation_step(i, 4, 0) + [True]]
+    assert modes == expected
 
 
 def test_the_losses_noise_to_timesteps_over_their_ranges(tmp_path):
