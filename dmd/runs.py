@@ -35,23 +35,42 @@ def require(condition: bool, message: str) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """``ckpt_path=last`` resumes from ``<run dir>/checkpoints/last.ckpt`` when it exists."""
+    """``ckpt_path=last`` resumes from ``<run dir>/checkpoints/last.ckpt`` when it exists, or
+    else from the previous whole save beside it (``last.ckpt.prev``; a sharded save's
+    ``last.ckpt.old``) when the latest is missing or truncated. Nothing is deleted."""
+    from dmd.callbacks.checkpoint import previous_save, whole_checkpoint
+
     if ckpt_path in (None, "", "none"):
         return None
     if ckpt_path == "last":
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
-        old = last.with_name(last.name + ".old")  # a sharded save stopped between its two renames
-        if not last.exists() and old.exists():
-            log.warning("%s is missing but %s (the previous save) is whole: resuming from it.", last, old)
-            last = old
-        if last.exists():
-            log.info("Resuming from %s", last)
-            return str(last)
-        log.info("ckpt_path=last but %s does not exist yet: starting fresh.", last)
-        return None
+        candidates = [last, previous_save(last), last.with_name(last.name + ".old")]
+        existing = [c for c in candidates if c.exists()]
+        if not existing:
+            log.info("ckpt_path=last but %s does not exist yet: starting fresh.", last)
+            return None
+        whole = [c for c in existing if whole_checkpoint(c)]
+        if not whole:
+            raise ValueError(_truncated(existing[0], "and there is no previous whole save beside it"))
+        if whole[0] != last:
+            log.warning("%s: resuming from %s, the previous whole save.",
+                        _truncated(last, "") if last.exists() else f"{last} is missing", whole[0])
+        log.info("Resuming from %s", whole[0])
+        return str(whole[0])
     if not Path(ckpt_path).exists():  # a file, or a folder of shards (trainer=fsdp)
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; use 'last' or a .ckpt file.")
+    if not whole_checkpoint(ckpt_path):
+        raise ValueError(_truncated(Path(ckpt_path), "and cannot be resumed from"))
     return ckpt_path
+
+
+def _truncated(path: Path, rest: str) -> str:
+    size = path.stat().st_size if path.is_file() else 0
+    message = f"{path} is truncated or corrupt ({size} bytes: not a whole torch checkpoint)"
+    if not rest:
+        return message
+    return (f"{message} {rest}. It is left in place: move it aside to start this run dir afresh, or "
+            "resume from another checkpoint with ckpt_path=<file>.")
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, callbacks=()) -> pl.Trainer:
@@ -59,8 +78,16 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks=()) -> pl.Trainer:
     logger = instantiate(cfg.logger) if cfg.logger else False  # logger=none gives an empty node
     if logger:  # the resolved config + this run's overrides (dmd-compare --wandb groups by them)
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "overrides": job_overrides()})
-    return instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks),
-                       default_root_dir=str(out_dir))
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=list(callbacks),
+                          default_root_dir=str(out_dir))
+    from dmd.callbacks.checkpoint import AtomicCheckpointIO
+    from dmd.sharding import FullyShardedStrategy
+
+    # Single-file checkpoints are written atomically on the run dir's filesystem (sharded ones
+    # are: FullyShardedStrategy swaps whole folders).
+    if not isinstance(trainer.strategy, FullyShardedStrategy):
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return trainer
 
 
 def job_overrides() -> list[str]:

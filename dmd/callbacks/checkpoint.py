@@ -6,13 +6,91 @@ training's own clock. :class:`IterationCheckpoint` saves ``last.ckpt`` every N i
 the iteration where ``max_iterations`` stops training, from inside the loop: counters, RNG,
 optimizer and data-loader position are those of that moment, so a rerun continues batch for
 batch. (A checkpoint written after ``trainer.fit`` returns would record the epoch as finished.)
+
+:class:`AtomicCheckpointIO` writes every single-file checkpoint on the run dir's own filesystem:
+a temporary sibling, flushed to disk, then renamed over the target, the previous whole save kept
+as ``<name>.prev``. (Lightning's own writer stages the file in ``$TMPDIR`` and copies it over the
+target when the run dir is on another filesystem: a kill during that copy truncates the only
+checkpoint.) :func:`whole_checkpoint` tells a complete file from a truncated one without loading it.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from dmd.files import atomic_path, temporary_sibling
+
+PREVIOUS_SUFFIX = ".prev"
+
+
+def whole_checkpoint(path: str | Path) -> bool:
+    """A folder of shards, or a file whose zip directory (written last by ``torch.save``) is intact."""
+    path = Path(path)
+    return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path))
+
+
+def previous_save(path: str | Path) -> Path:
+    """Where :class:`AtomicCheckpointIO` keeps the save before ``path``'s latest."""
+    path = Path(path)
+    return path.with_name(path.name + PREVIOUS_SUFFIX)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO (``Trainer(plugins=[...])``) with atomic same-filesystem saves."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        path = Path(path)
+        with atomic_path(path) as tmp:  # a sibling: the rename below never crosses filesystems
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if whole_checkpoint(path):  # a truncated file (an older writer's) never displaces a good one
+                os.replace(path, previous_save(path))
+        _fsync_dir(path.parent)
+        _remove_dead_writers_temporaries(path)
+
+
+def _remove_dead_writers_temporaries(path: Path) -> None:
+    """Delete the half-written temporaries of killed saves of ``path`` by processes of this host."""
+    prefix = temporary_sibling(path).name.rsplit("-", 1)[0] + "-"  # <name>.tmp-<host>-
+    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The renames themselves reach the disk (POSIX; a no-op where directories cannot be opened).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class IterationCheckpoint(pl.Callback):
