@@ -28,7 +28,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmd.callbacks.evaluation import EvaluationCallback, update_results
+from dmd.callbacks.evaluation import EvaluationCallback, read_results, update_results
 from dmd.distances import build_distance, digest
 from dmd.draw import sample_generator
 from dmd.generator import Generator, load_generator, save_generator
@@ -212,15 +212,29 @@ def train(cfg: DictConfig) -> Path:
     return out_dir
 
 
+def record_failure(path: Path, err: Exception) -> None:
+    """A failed job of a sweep leaves a record that dmd-compare reports. A failed rerun of a
+    completed run (e.g. a bad override) keeps that run's record -- its status, command and
+    metrics describe what did complete -- and lists the attempt under ``failed_attempts``."""
+    attempt = {"error": f"{type(err).__name__}: {err}"[:2000], "overrides": job_overrides(),
+               "command": " ".join(["python -m dmd.train", *sys.argv[1:]]),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        record = read_results(path)
+        if record.get("status") == "completed":
+            update_results(path, failed_attempts=[*record.get("failed_attempts", []), attempt])
+        else:
+            update_results(path, status="failed", **attempt)
+    except (OSError, ValueError) as unreadable:  # never hide the error being reported
+        log.warning("Could not record the failure in %s: %s", path, unreadable)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except Exception as err:
-        # A failed job of a sweep still leaves a record that dmd-compare reports.
-        update_results(run_dir() / "results.json", status="failed",
-                       error=f"{type(err).__name__}: {err}"[:2000], overrides=job_overrides(),
-                       command=" ".join(["python -m dmd.train", *sys.argv[1:]]))
+        record_failure(run_dir() / "results.json", err)
         finish_wandb(exit_code=1)
         raise
     finish_wandb()  # multirun jobs share a process: never let one wandb run continue into the next

@@ -135,3 +135,23 @@ def test_resuming_keeps_the_csv_log_of_the_part_before(cli, tmp_path):
     assert len(logs) == 2
     first = logs[0].read_text().splitlines()
     assert len(first) > 2 and "loss/fake" in first[0]
+
+
+@pytest.mark.slow
+def test_a_failed_rerun_of_a_completed_run_keeps_its_record(cli, tmp_path):
+    run = tmp_path / "run"
+    cli("dmd.train", *TINY_GMM, "max_iterations=4", f"hydra.run.dir={run}")
+    before = json.loads((run / "results.json").read_text())
+    proc = cli("dmd.train", *TINY_GMM, "max_iterations=8", "init=/nonexistent/teacher",
+               f"hydra.run.dir={run}", check=False)
+    assert proc.returncode != 0
+    after = json.loads((run / "results.json").read_text())
+    assert after["status"] == "completed" and after["command"] == before["command"]
+    assert after["metrics"] == before["metrics"] and after["iterations"] == before["iterations"] == 4
+    (attempt,) = after["failed_attempts"]
+    assert "/nonexistent/teacher" in attempt["error"] and "init=/nonexistent/teacher" in attempt["command"]
+    # A run that never completed is recorded as failed (dmd-compare reports it).
+    fresh = tmp_path / "fresh"
+    assert cli("dmd.train", *TINY_GMM, "init=/nonexistent/teacher", f"hydra.run.dir={fresh}",
+               check=False).returncode != 0
+    assert json.loads((fresh / "results.json").read_text())["status"] == "failed"
