@@ -44,33 +44,34 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
-        candidates = [last, previous_save(last), last.with_name(last.name + ".old")]
+        candidates = [last, previous_save(last), previous_save(last, sharded=True)]
         existing = [c for c in candidates if c.exists()]
         if not existing:
             log.info("ckpt_path=last but %s does not exist yet: starting fresh.", last)
             return None
         whole = [c for c in existing if whole_checkpoint(c)]
         if not whole:
-            raise ValueError(_truncated(existing[0], "and there is no previous whole save beside it"))
+            raise ValueError(f"{_not_whole(existing[0])} and there is no previous whole save beside "
+                             f"it. {LEFT_IN_PLACE}")
         if whole[0] != last:
             log.warning("%s: resuming from %s, the previous whole save.",
-                        _truncated(last, "") if last.exists() else f"{last} is missing", whole[0])
+                        _not_whole(last) if last.exists() else f"{last} is missing", whole[0])
         log.info("Resuming from %s", whole[0])
         return str(whole[0])
     if not Path(ckpt_path).exists():  # a file, or a folder of shards (trainer=fsdp)
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; use 'last' or a .ckpt file.")
     if not whole_checkpoint(ckpt_path):
-        raise ValueError(_truncated(Path(ckpt_path), "and cannot be resumed from"))
+        raise ValueError(f"{_not_whole(Path(ckpt_path))} and cannot be resumed from. {LEFT_IN_PLACE}")
     return ckpt_path
 
 
-def _truncated(path: Path, rest: str) -> str:
+LEFT_IN_PLACE = ("It is left in place: move it aside to start this run dir afresh, or resume from "
+                 "another checkpoint with ckpt_path=<file>.")
+
+
+def _not_whole(path: Path) -> str:
     size = path.stat().st_size if path.is_file() else 0
-    message = f"{path} is truncated or corrupt ({size} bytes: not a whole torch checkpoint)"
-    if not rest:
-        return message
-    return (f"{message} {rest}. It is left in place: move it aside to start this run dir afresh, or "
-            "resume from another checkpoint with ckpt_path=<file>.")
+    return f"{path} is truncated or corrupt ({size} bytes: not a whole torch checkpoint)"
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, callbacks=()) -> pl.Trainer:

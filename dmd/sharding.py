@@ -26,6 +26,8 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from dmd.callbacks.checkpoint import previous_save
+
 # diffusers' residual and transformer blocks: the units whose weights are gathered together.
 UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock")
 
@@ -46,7 +48,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
-        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        tmp, old = path.with_name(path.name + ".tmp"), previous_save(path, sharded=True)
         if self.global_rank == 0:
             _remove(tmp)
         self.barrier()

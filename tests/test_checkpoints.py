@@ -2,6 +2,8 @@
 resumes that fall back to the previous whole save (or say exactly what is wrong)."""
 
 import os
+import shutil
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -50,9 +52,6 @@ def _other_filesystem_dir(tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at,fraction", [(1, 0.05), (3, 0.5), (6, 0.95)])
 def test_a_kill_during_a_save_leaves_a_whole_checkpoint_and_the_resume_is_exact(tmp_path, kill_at, fraction):
-    import shutil
-    import subprocess
-
     straight = tmp_path / "straight"
     run_cli("dmd.train", *TINY_GMM, "max_iterations=9", f"hydra.run.dir={straight}")
     run = _other_filesystem_dir(tmp_path) / "run"

@@ -27,7 +27,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from dmd.files import atomic_path, temporary_sibling
 
-PREVIOUS_SUFFIX = ".prev"
+PREVIOUS_SUFFIX = ".prev"  # AtomicCheckpointIO's previous file
+SHARDED_PREVIOUS_SUFFIX = ".old"  # FullyShardedStrategy's previous folder, while it swaps in a new one
 
 
 def whole_checkpoint(path: str | Path) -> bool:
@@ -36,10 +37,11 @@ def whole_checkpoint(path: str | Path) -> bool:
     return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path))
 
 
-def previous_save(path: str | Path) -> Path:
-    """Where :class:`AtomicCheckpointIO` keeps the save before ``path``'s latest."""
+def previous_save(path: str | Path, sharded: bool = False) -> Path:
+    """Where the save before ``path``'s latest is kept: by :class:`AtomicCheckpointIO` (a file),
+    or by ``dmd.sharding.FullyShardedStrategy`` while it replaces a folder of shards."""
     path = Path(path)
-    return path.with_name(path.name + PREVIOUS_SUFFIX)
+    return path.with_name(path.name + (SHARDED_PREVIOUS_SUFFIX if sharded else PREVIOUS_SUFFIX))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
