@@ -14,7 +14,6 @@ of the network alone. Writes ``results.json``, ``results.md`` (a markdown table 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -25,21 +24,26 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dmd.evaluation import evaluate_model, generator_model, markdown_table, teacher_model
+from dmd.files import atomic_path, write_results
 from dmd.generator import load_generator
 from dmd.provenance import run_provenance
-from dmd.runs import job_overrides, require, run_dir, save_resolved_config
-from dmd.sampling import SAMPLERS
+from dmd.rundir import claim_run_dir
+from dmd.runs import job_overrides
 from dmd.teachers import Teacher
+from dmd.validation import validate
 from dmd.visualize import save_sample_grid
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> Path:
+    validate(cfg, "evaluate")
+    with claim_run_dir(cfg, "evaluate") as (out_dir, _):
+        return score(cfg, out_dir)
+
+
+def score(cfg: DictConfig, out_dir: Path) -> Path:
     started = time.time()
-    require(cfg.eval.num_samples >= 2, f"eval.num_samples must be >= 2, got {cfg.eval.num_samples}.")
-    out_dir = run_dir()
-    save_resolved_config(cfg, out_dir)
     teacher: Teacher = instantiate(cfg.teacher)  # the real score: its samples are a reference
     evaluator = instantiate(cfg.eval.evaluator)
     evaluator.teacher = teacher  # set after: instantiate() would turn the dataclass into a config
@@ -48,8 +52,6 @@ def run(cfg: DictConfig) -> Path:
         model = generator_model(generator, info, f"generator {Path(cfg.ckpt).name}", cfg.seed)
     else:
         s = cfg.sampler
-        require(s.name in SAMPLERS, f"sampler.name={s.name!r}; choose one of {SAMPLERS}.")
-        require(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}.")
         model = teacher_model(teacher, s.name, s.steps, s.guidance_scale, s.spacing)
     lat = cfg.latency
     results, samples = evaluate_model(model, evaluator, cfg.eval.num_samples, cfg.seed,
@@ -60,8 +62,9 @@ def run(cfg: DictConfig) -> Path:
                    wall_seconds=round(time.time() - started, 1),
                    config=OmegaConf.to_container(cfg, resolve=True))
     save_sample_grid(samples[: cfg.eval.grid_size], out_dir / "samples.png")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "results.md").write_text(markdown_table([results]))
+    write_results(out_dir / "results.json", results)
+    with atomic_path(out_dir / "results.md") as tmp:
+        tmp.write_text(markdown_table([results]))
     log.info("%s: NFE %d, %s; ms/image %s. Written to %s", model.name, model.nfe,
              {k: round(v, 4) for k, v in results["metrics"].items() if isinstance(v, float)},
              {k: round(v, 3) for k, v in results["latency_ms_per_image"].items()}, out_dir)

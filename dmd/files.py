@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from contextlib import contextmanager
@@ -86,3 +87,19 @@ def load_arrays(folder: str | Path) -> dict:
     return {name: torch.from_numpy(np.memmap(folder / f"{name}.bin", dtype=np.dtype(m["dtype"]), mode="c",
                                              shape=tuple(m["shape"])))
             for name, m in meta.items()}
+
+
+def read_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_results(path: Path, **entries) -> dict:
+    """Merge keys into a run's results.json (created if missing) and return its content."""
+    return write_results(path, {**read_results(path), **entries})
+
+
+def write_results(path: Path, results: dict) -> dict:
+    """Write results.json through a temporary file and a rename (never half a file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    return results

@@ -21,18 +21,28 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from dmd.denoisers import DiffusersUNetDenoiser
 from dmd.diffusion_module import DiffusionModule
 from dmd.draw import sample_teacher
-from dmd.runs import build_trainer, require, resolve_ckpt_path, run_dir, save_resolved_config
+from dmd.rundir import claim_run_dir
+from dmd.runs import build_trainer, require, resolve_ckpt_path
 from dmd.schedule import VPSchedule
 from dmd.teachers import load_teacher
+from dmd.validation import validate
 from dmd.visualize import save_sample_grid
 
 log = logging.getLogger(__name__)
 
 
+def has_trained_state(folder: Path) -> bool:
+    return (folder / "checkpoints").is_dir() or (folder / "teacher").is_dir()
+
+
 def pretrain(cfg: DictConfig) -> Path:
     """Train, save the EMA teacher, reload it from disk and draw a sample grid."""
-    out_dir = run_dir()
-    save_resolved_config(cfg, out_dir)
+    validate(cfg, "pretrain")
+    with claim_run_dir(cfg, "pretrain", resumable=True, started=has_trained_state) as (out_dir, _):
+        return _pretrain(cfg, out_dir)
+
+
+def _pretrain(cfg: DictConfig, out_dir: Path) -> Path:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)

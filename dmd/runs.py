@@ -21,13 +21,6 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def save_resolved_config(cfg: DictConfig, out_dir: Path) -> Path:
-    """Write the fully resolved config (Hydra's own ``.hydra/config.yaml`` keeps interpolations)."""
-    path = Path(out_dir) / "config_resolved.yaml"
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
-
-
 def require(condition: bool, message: str) -> None:
     """Fail early on a bad config value with a message that names the key and the fix."""
     if not condition:

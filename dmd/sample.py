@@ -24,10 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dmd.draw import sample_generator, sample_teacher
+from dmd.files import atomic_path
 from dmd.generator import load_generator
-from dmd.runs import require, run_dir, save_resolved_config
-from dmd.sampling import SAMPLERS, nfe
+from dmd.rundir import claim_run_dir
+from dmd.sampling import nfe
 from dmd.teachers import Teacher
+from dmd.validation import validate
 from dmd.visualize import save_sample_grid, to_uint8
 
 log = logging.getLogger(__name__)
@@ -43,19 +45,19 @@ def write_npz(samples: torch.Tensor, labels: torch.Tensor | None, path: str | Pa
         arr0 = samples.float().numpy()
     n = samples.shape[0]
     arr1 = (labels if labels is not None else torch.full((n,), -1)).long().numpy()
-    np.savez(path, arr_0=arr0, arr_1=arr1)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez keeps the name
+        np.savez(f, arr_0=arr0, arr_1=arr1)
     return path
 
 
 def run(cfg: DictConfig) -> Path:
+    validate(cfg, "sample")
+    with claim_run_dir(cfg, "sample"):
+        return draw(cfg)
+
+
+def draw(cfg: DictConfig) -> Path:
     s = cfg.sampler
-    require(cfg.num_samples >= 1, f"num_samples must be >= 1, got {cfg.num_samples}.")
-    require(s.name in SAMPLERS, f"sampler.name={s.name!r}; choose one of {SAMPLERS}.")
-    require(s.steps >= 1, f"sampler.steps must be >= 1, got {s.steps}.")
-    require(s.guidance_scale >= 0, f"sampler.guidance_scale must be >= 0, got {s.guidance_scale}.")
-    require(str(cfg.out).endswith(".npz"), f"out={cfg.out} must end in .npz.")
-    out_dir = run_dir()
-    save_resolved_config(cfg, out_dir)
     if cfg.ckpt:  # a distilled generator: its own step schedule, no sampler settings
         generator, generator_info = load_generator(cfg.ckpt)
         samples, labels = sample_generator(generator, generator_info, cfg.num_samples, cfg.seed, cfg.batch_size)

@@ -28,25 +28,27 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmd.callbacks.evaluation import EvaluationCallback, read_results, update_results
+from dmd.callbacks.checkpoint import checkpoint_iteration, previous_save
+from dmd.callbacks.evaluation import EvaluationCallback
 from dmd.distances import build_distance, digest
 from dmd.draw import sample_generator
+from dmd.files import read_results, update_results
 from dmd.generator import Generator, load_generator, save_generator
 from dmd.metrics.evaluator import check_independent
 from dmd.module import DMDModule, copy_denoiser
 from dmd.provenance import run_provenance
 from dmd.regression_pairs import pairs_for_config
+from dmd.rundir import claim_run_dir
 from dmd.runs import (
     build_trainer,
     finish_wandb,
     job_overrides,
     require,
     resolve_ckpt_path,
-    run_dir,
-    save_resolved_config,
 )
 from dmd.t2i.lora import add_lora
 from dmd.teachers import Teacher, load_teacher, weights_digest
+from dmd.validation import validate
 from dmd.visualize import save_sample_grid
 
 log = logging.getLogger(__name__)
@@ -166,14 +168,30 @@ def check_training_signals(cfg: DictConfig) -> None:
                       evaluator)
 
 
+def has_trained_state(folder: Path) -> bool:
+    """Whether a train run dir holds training progress (a checkpoint or a completed record)."""
+    last = folder / "checkpoints" / "last.ckpt"
+    saves = [last, previous_save(last), previous_save(last, sharded=True)]
+    return any(p.exists() for p in saves) or read_results(folder / "results.json").get("status") == "completed"
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Everything that can refuse the config, before the run dir is touched."""
+    set_training_length(cfg)
+    validate(cfg, "train")
+    check_training_signals(cfg)
+
+
 def train(cfg: DictConfig) -> Path:
     started = time.time()
-    out_dir = run_dir()
-    set_training_length(cfg)
-    check_training_signals(cfg)  # before anything is written into the run dir
-    save_resolved_config(cfg, out_dir)
-    pl.seed_everything(cfg.seed, workers=True)
+    prepare(cfg)
+    with claim_run_dir(cfg, "train", resumable=True, started=has_trained_state,
+                       on_error=record_failure) as (out_dir, resume):
+        return _train(cfg, out_dir, resume, started)
 
+
+def _train(cfg: DictConfig, out_dir: Path, resume: dict | None, started: float) -> Path:
+    pl.seed_everything(cfg.seed, workers=True)
     teacher: Teacher = instantiate(cfg.teacher)
     init = student_init(teacher, cfg.init)
     datamodule = instantiate(cfg.data)
@@ -181,6 +199,10 @@ def train(cfg: DictConfig) -> Path:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.callbacks else []
     trainer = build_trainer(cfg, out_dir, callbacks)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
+    if resume is not None and trainer.is_global_zero:  # which iterations ran under which settings
+        resume.update(command=command_line(), from_iteration=checkpoint_iteration(ckpt_path))
+        update_results(out_dir / "results.json",
+                       resumes=[*read_results(out_dir / "results.json").get("resumes", []), resume])
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     ranks = rank_states(module)  # collectives: every rank takes part
     released = module.release_generator()
@@ -198,8 +220,7 @@ def train(cfg: DictConfig) -> Path:
     metrics = final_metrics(callbacks)
     results = {
         "status": "completed", "experiment": cfg.get("experiment_name"),
-        "command": " ".join(["python -m dmd.train", *sys.argv[1:]]),
-        "overrides": job_overrides(), "provenance": run_provenance(),
+        "command": command_line(), "overrides": job_overrides(), "provenance": run_provenance(),
         "iterations": module.iteration, "generator_steps": module.generator_steps,
         "fake_steps": module.fake_steps, "nfe": generator.num_steps,
         "metrics": metrics, "wall_seconds": round(time.time() - started, 1), "ranks": ranks,
@@ -212,13 +233,17 @@ def train(cfg: DictConfig) -> Path:
     return out_dir
 
 
-def record_failure(path: Path, err: Exception) -> None:
+def command_line() -> str:
+    return " ".join(["python -m dmd.train", *sys.argv[1:]])
+
+
+def record_failure(folder: Path, err: Exception) -> None:
     """A failed job of a sweep leaves a record that dmd-compare reports. A failed rerun of a
     completed run (e.g. a bad override) keeps that run's record -- its status, command and
     metrics describe what did complete -- and lists the attempt under ``failed_attempts``."""
     attempt = {"error": f"{type(err).__name__}: {err}"[:2000], "overrides": job_overrides(),
-               "command": " ".join(["python -m dmd.train", *sys.argv[1:]]),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "command": command_line(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = folder / "results.json"
     try:
         record = read_results(path)
         if record.get("status") == "completed":
@@ -233,8 +258,7 @@ def record_failure(path: Path, err: Exception) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except Exception as err:
-        record_failure(run_dir() / "results.json", err)
+    except Exception:
         finish_wandb(exit_code=1)
         raise
     finish_wandb()  # multirun jobs share a process: never let one wandb run continue into the next

@@ -21,7 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dmd.metrics.features import FashionMNISTClassifier, extract
-from dmd.runs import build_trainer, run_dir, save_resolved_config
+from dmd.rundir import claim_run_dir
+from dmd.runs import build_trainer
+from dmd.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,12 @@ class ClassifierModule(pl.LightningModule):
 
 
 def train_classifier(cfg: DictConfig) -> Path:
-    out_dir = run_dir()
-    save_resolved_config(cfg, out_dir)
+    validate(cfg, "train_classifier")
+    with claim_run_dir(cfg, "train_classifier") as (out_dir, _):
+        return _train_classifier(cfg, out_dir)
+
+
+def _train_classifier(cfg: DictConfig, out_dir: Path) -> Path:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     net = FashionMNISTClassifier(tuple(cfg.channels), cfg.feature_dim, datamodule.num_classes,

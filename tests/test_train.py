@@ -142,14 +142,21 @@ def test_a_failed_rerun_of_a_completed_run_keeps_its_record(cli, tmp_path):
     run = tmp_path / "run"
     cli("dmd.train", *TINY_GMM, "max_iterations=4", f"hydra.run.dir={run}")
     before = json.loads((run / "results.json").read_text())
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"}
+    # A resume that would change what the run trains is refused, and nothing in the dir changes.
     proc = cli("dmd.train", *TINY_GMM, "max_iterations=8", "init=/nonexistent/teacher",
+               f"hydra.run.dir={run}", check=False)
+    assert proc.returncode != 0 and "gmm8_mlp' -> '/nonexistent/teacher'" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix != ".log"} == files
+    # One that may run but fails keeps the completed record and lists the attempt.
+    proc = cli("dmd.train", *TINY_GMM, "max_iterations=8", "eval.evaluator._target_=dmd.metrics.NoSuchEvaluator",
                f"hydra.run.dir={run}", check=False)
     assert proc.returncode != 0
     after = json.loads((run / "results.json").read_text())
     assert after["status"] == "completed" and after["command"] == before["command"]
     assert after["metrics"] == before["metrics"] and after["iterations"] == before["iterations"] == 4
     (attempt,) = after["failed_attempts"]
-    assert "/nonexistent/teacher" in attempt["error"] and "init=/nonexistent/teacher" in attempt["command"]
+    assert "NoSuchEvaluator" in attempt["error"] and "NoSuchEvaluator" in attempt["command"]
     # A run that never completed is recorded as failed (dmd-compare reports it).
     fresh = tmp_path / "fresh"
     assert cli("dmd.train", *TINY_GMM, "init=/nonexistent/teacher", f"hydra.run.dir={fresh}",

@@ -37,6 +37,14 @@ def whole_checkpoint(path: str | Path) -> bool:
     return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path))
 
 
+def checkpoint_iteration(path: str | Path | None) -> int | None:
+    """The DMD iteration a ``dmd.train`` checkpoint file was saved at (None: no file, or shards)."""
+    if path is None or not Path(path).is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("dmd_counters", {}).get("iteration")
+
+
 def previous_save(path: str | Path, sharded: bool = False) -> Path:
     """Where the save before ``path``'s latest is kept: by :class:`AtomicCheckpointIO` (a file),
     or by ``dmd.sharding.FullyShardedStrategy`` while it replaces a folder of shards."""

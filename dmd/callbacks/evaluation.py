@@ -15,7 +15,6 @@ labels, the same at every evaluation) and the evaluator scores them. Each evalua
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 from pathlib import Path
@@ -23,26 +22,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from dmd.draw import sample_generator
-from dmd.files import atomic_path
+from dmd.files import read_results, update_results, write_results
 from dmd.visualize import save_sample_grid
 
 log = logging.getLogger(__name__)
-
-
-def read_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def update_results(path: Path, **entries) -> dict:
-    """Merge keys into a run's results.json (created if missing) and return its content."""
-    return write_results(path, {**read_results(path), **entries})
-
-
-def write_results(path: Path, results: dict) -> dict:
-    """Write results.json through a temporary file and a rename (never half a file)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-    return results
 
 
 class EvaluationCallback(pl.Callback):

@@ -1,0 +1,225 @@
+"""Run directories that no command can damage.
+
+Every entry point claims its run dir with :func:`claim_run_dir` before it writes anything there:
+
+* the dir is locked for the job's lifetime (``.lock``, a POSIX record lock the kernel releases
+  when the process dies, also across NFS), so two jobs never write into one dir side by side;
+* a dir holding another command's records (``dmd.evaluate hydra.run.dir=<a train run>``), or
+  files no dmd command wrote, is refused with the way out;
+* a resume (the same resumable command into its own dir) may change only what does not alter
+  the run's meaning (length, logging, checkpoint and evaluation cadence, devices); any other
+  change is refused naming the key, its old and its new value, unless the command lists it in
+  ``allow_changes_on_resume``. Every resume is returned for the run's record.
+
+Only then are the run's config records written: ``config_resolved.yaml`` and Hydra's
+``.hydra/{config,hydra,overrides}.yaml`` (Hydra's own write is switched off in
+``conf/hydra/default.yaml``: it happens before any of our code could look at the dir).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dmd.files import atomic_path
+from dmd.runs import job_overrides, run_dir
+
+LOCK = ".lock"
+# What may be in a dir before any record is written: Hydra's job log, our lock file.
+NOT_RECORDS = (LOCK,)
+# Settings a resume may change without changing what the run trains (prefixes of dotted keys).
+OPERATIONAL = ("max_iterations", "generator_steps", "ckpt_path", "allow_changes_on_resume",
+               "logger", "callbacks", "eval", "paths", "grid", "checkpoint_every_n_steps",
+               "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
+               "trainer.enable_progress_bar", "trainer.log_every_n_steps", "data.num_workers",
+               "gradient_checkpointing")
+# Of those, the ones that may only grow (a shorter run than recorded would contradict the record).
+LENGTHS = ("max_iterations", "generator_steps", "max_steps")
+
+
+class RunDirError(ValueError):
+    """The run dir cannot be used by this command; nothing in it was changed."""
+
+
+def is_leader() -> bool:
+    """False in the extra processes of a multi-process job (they share the leader's run dir)."""
+    return all(int(os.environ.get(k, 0) or 0) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def recorded_task(folder: Path) -> str | None:
+    """The ``task_name`` of the dmd command whose records ``folder`` holds (None: none)."""
+    for record in (folder / "config_resolved.yaml", folder / ".hydra" / "config.yaml"):
+        if record.is_file():
+            try:
+                return OmegaConf.load(record).get("task_name")
+            except Exception:  # noqa: BLE001 - an unreadable record still marks the dir as taken
+                return "unknown (unreadable record)"
+    return None
+
+
+def records_in(folder: Path) -> list[str]:
+    """The entries of ``folder`` beyond the lock and Hydra's job logs."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in NOT_RECORDS and p.suffix != ".log")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(old: dict, new: dict) -> dict:
+    """``{key: [old, new]}`` for every dotted key whose value differs (missing: None)."""
+    a, b = flatten(old), flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def refused_changes(changes: dict, allowed=()) -> list[str]:
+    """The changes a resume may not make, as ``key: old -> new`` lines."""
+    bad = []
+    for key, (old, new) in changes.items():
+        if _under(key, allowed):
+            continue
+        shorter = key in LENGTHS and isinstance(old, (int, float)) and isinstance(new, (int, float)) and new < old
+        if shorter or not _under(key, OPERATIONAL):
+            bad.append(f"{key}: {old!r} -> {new!r}" + (" (shorter than recorded)" if shorter else ""))
+    return bad
+
+
+class _Lock:
+    """An exclusive, non-blocking POSIX lock on ``<dir>/.lock`` naming its holder."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(f"{self.path.parent} is in use by {holder}. Two jobs in one run dir "
+                              "would overwrite each other: wait for it to end, or pick another "
+                              "hydra.run.dir.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock; the file stays (deleting it would race)
+            self.fd = None
+
+
+def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, started: bool) -> dict | None:
+    """Refuse a dir this command may not write into. Returns None for a fresh dir, else the
+    changes a resume makes (``{key: [old, new]}``, maybe empty)."""
+    entries = records_in(folder)
+    if not entries:
+        return None
+    owner = recorded_task(folder)
+    fresh_dir = "leave out hydra.run.dir (every run gets a new dir) or name a new one"
+    if owner is None:
+        raise RunDirError(f"hydra.run.dir={folder} already holds files no dmd command wrote "
+                          f"({', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''}): "
+                          f"{fresh_dir}.")
+    if owner != task:
+        raise RunDirError(f"hydra.run.dir={folder} is the run dir of a `python -m dmd.{owner}` job: "
+                          f"dmd.{task} would overwrite its records. To use that run, pass it as "
+                          f"ckpt={folder}; for this command's own records, {fresh_dir}.")
+    if not resumable:
+        raise RunDirError(f"hydra.run.dir={folder} already holds the records of an earlier "
+                          f"dmd.{task} job, which this one would overwrite: {fresh_dir}.")
+    old = OmegaConf.to_container(OmegaConf.load(folder / "config_resolved.yaml"), resolve=False)
+    changes = config_changes(old, OmegaConf.to_container(cfg, resolve=True))
+    if not started:  # nothing was trained there yet: nothing for the new settings to contradict
+        return changes
+    bad = refused_changes(changes, cfg.get("allow_changes_on_resume") or ())
+    if bad:
+        raise RunDirError(
+            f"{folder} holds a {task} run with other settings; resuming it with these would record "
+            "its earlier iterations under settings they did not have:\n  " + "\n  ".join(bad) +
+            "\nRerun with the run's own values, or start a new run dir (leave out hydra.run.dir), "
+            "or, to change them on purpose from here on, list the keys in "
+            "allow_changes_on_resume=[...] (the change is recorded in results.json `resumes`).")
+    return changes
+
+
+def write_config_records(cfg: DictConfig, folder: Path) -> None:
+    """``config_resolved.yaml`` (every value resolved) and Hydra's ``.hydra/`` records."""
+    records = {folder / "config_resolved.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+               folder / ".hydra" / "config.yaml": OmegaConf.to_yaml(cfg),
+               folder / ".hydra" / "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(job_overrides()))}
+    try:
+        records[folder / ".hydra" / "hydra.yaml"] = OmegaConf.to_yaml({"hydra": HydraConfig.get()})
+    except ValueError:  # not under Hydra
+        pass
+    for path, text in records.items():
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+def _drop_empty_job_log(folder: Path) -> None:
+    """Hydra opens ``<job name>.log`` in the run dir before any of our code runs; a refused job
+    removes it when it is still empty (it would only clutter another run's dir)."""
+    try:
+        log_file = folder / f"{HydraConfig.get().job.name}.log"
+    except ValueError:  # not under Hydra
+        return
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink()
+
+
+@contextmanager
+def claim_run_dir(cfg: DictConfig, task: str, resumable: bool = False, started=lambda d: False,
+                  on_error=None):
+    """Lock the current run dir, refuse what this command may not do there, write the config
+    records, and yield ``(run dir, resume)``; ``resume`` is None for a fresh dir, else
+    ``{"time", "overrides", "changed": {key: [old, new]}}``. ``started(dir)`` says whether the
+    dir holds trained state (then only operational settings may change). ``on_error(dir, err)``
+    records a failure of the job in its own dir (never in one this command was refused)."""
+    folder = run_dir()
+    if not is_leader():
+        yield folder, None
+        return
+    try:  # refused before the lock file is made: a dir this command may not use gets nothing
+        check_reuse(folder, task, cfg, resumable, started(folder))
+    except RunDirError:
+        _drop_empty_job_log(folder)
+        raise
+    lock = _Lock(folder)
+    lock.acquire()
+    try:
+        changes = check_reuse(folder, task, cfg, resumable, started(folder))  # again, under the lock
+        resume = None if changes is None else {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": job_overrides(),
+            "changed": changes}
+        try:
+            write_config_records(cfg, folder)
+            yield folder, resume
+        except Exception as err:
+            if on_error is not None:
+                on_error(folder, err)
+            raise
+    finally:
+        lock.release()

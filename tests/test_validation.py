@@ -1,0 +1,84 @@
+"""Every command's configuration is checked once, before anything is built or written, and
+every problem is named in one message (dmd.validation)."""
+
+import pytest
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+
+from dmd.validation import ConfigError, validate
+
+
+def _cfg(name, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name,extra", [("train", ["experiment=fmnist_dmd2"]), ("train", ["experiment=gmm_dmd"]),
+                                        ("train", ["experiment=t2i_tiny"]), ("sample", ["out=x.npz"]),
+                                        ("evaluate", []), ("pretrain", []), ("train_classifier", [])])
+def test_the_shipped_configs_are_valid(name, extra):
+    validate(_cfg(name, *extra), name)
+
+
+TRAIN_MISTAKES = {
+    "algorithm.dm_t_range=[0.9,0.1]": "algorithm.dm_t_range=[0.9, 0.1]: must be [lo, hi] with 0 <= lo < hi <= 1",
+    "algorithm.ema_decay=1.5": "algorithm.ema_decay=1.5: must be a number in [0, 1) (or null)",
+    "algorithm.guidance_scale=-2": "algorithm.guidance_scale=-2: must be a number >= 0",
+    "max_iterations=2.5": "max_iterations=2.5: must be a whole number >= 1",
+    "seed=abc": "seed='abc': must be a whole number",
+    "optim.lr_generator=abc": "optim.lr_generator='abc': must be a number > 0",
+    "optim.lr_fake=-1e-4": "optim.lr_fake=-0.0001: must be a number > 0",
+    "data.batch_size=0": "data.batch_size=0: must be a whole number >= 1",
+    "algorithm.ttur_ratio=0": "algorithm.ttur_ratio=0: must be a whole number >= 1",
+    "algorithm.generator_timesteps=[]": "algorithm.generator_timesteps=[]: must be a non-empty list",
+    "algorithm.gan.balance=adaptve": "algorithm.gan.balance='adaptve': must be one of fixed, dimension, adaptive",
+    "eval.num_samples=1": "eval.num_samples=1: must be a whole number >= 2",
+    "callbacks.checkpoint.every_n_iterations=0": "callbacks.checkpoint.every_n_iterations=0: must be",
+    "generator_steps=-3": "generator_steps=-3: must be a whole number >= 1 (or null)",
+    "optim.betas=[0.9,1.5]": "optim.betas=[0.9, 1.5]: must be two numbers in [0, 1)",
+}
+
+
+def test_every_train_mistake_is_named_in_one_message():
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg("train", "experiment=fmnist_dmd2", *TRAIN_MISTAKES), "train")
+    message = str(err.value)
+    # + algorithm.regression.guidance_scale, which follows algorithm.guidance_scale
+    assert message.startswith(f"Bad config ({len(TRAIN_MISTAKES) + 1} problems); nothing was written")
+    for named in TRAIN_MISTAKES.values():
+        assert named in message
+
+
+@pytest.mark.parametrize("mistake", [*TRAIN_MISTAKES, "max_iterations=abc", "algorithm.regression.weight=-1"])
+def test_each_train_mistake_alone_is_refused(mistake):
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg("train", "experiment=gmm_dmd2", mistake), "train")
+    assert f"\n  {mistake.split('=')[0]}=" in str(err.value)
+
+
+def test_all_loss_weights_zero_is_refused():
+    with pytest.raises(ConfigError, match="are all 0: the generator would never move"):
+        validate(_cfg("train", "experiment=fmnist_dmd", "algorithm.dm_weight=0",
+                      "algorithm.gan.generator_weight=0", "algorithm.regression.weight=0"), "train")
+    validate(_cfg("train", "experiment=fmnist_dmd", "algorithm.dm_weight=0"), "train")  # regression alone moves it
+
+
+@pytest.mark.parametrize("name,overrides,named", [
+    ("evaluate", ["latency.batch_sizes=[0]"], "latency.batch_sizes=[0]: must be a list of whole numbers >= 1"),
+    ("evaluate", ["sampler.steps=0", "batch_size=0"], "sampler.steps=0"),
+    ("sample", ["out=x.png"], "out='x.png': must be a file name ending in .npz"),
+    ("sample", ["num_samples=0", "sampler.name=dpm", "out=x.npz"], "sampler.name='dpm': must be one of"),
+    ("pretrain", ["ema_decay=1.0", "lr=0"], "ema_decay=1.0: must be a number in [0, 1)"),
+    ("train_classifier", ["channels=[32,0]"], "channels=[32, 0]: must be a non-empty list of whole numbers >= 1"),
+])
+def test_other_commands_mistakes_are_named(name, overrides, named):
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(name, *overrides), name)
+    problems = len([o for o in overrides if o != "out=x.npz"])
+    assert named in str(err.value) and f"({problems} problem" in str(err.value)
+
+
+def test_a_refused_config_writes_nothing(cli, tmp_path):
+    proc = cli("dmd.sample", "out=x.npz", "num_samples=abc", f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0 and "num_samples='abc': must be a whole number >= 1" in proc.stderr
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists() and not (tmp_path / "x.npz").exists()
