@@ -40,6 +40,10 @@ def draw_samples(teacher: Teacher, sample_fn, noise: torch.Tensor, labels: torch
         uncond = teacher.null_condition(noise[sl].shape[0], device)
         with torch.no_grad():
             out.append(sample_fn(noise[sl].to(device), cond, uncond).cpu())
+        if not torch.isfinite(out[-1]).all():  # never score or save NaN as if it were samples
+            raise FloatingPointError(
+                f"{desc}: samples {start}-{start + out[-1].shape[0] - 1} contain NaN/Inf; the model's "
+                "weights are corrupt or diverged (or its precision overflows). Nothing was scored.")
     return torch.cat(out), labels
 
 

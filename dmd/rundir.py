@@ -19,6 +19,7 @@ Only then are the run's config records written: ``config_resolved.yaml`` and Hyd
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import time
@@ -30,6 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmd.files import atomic_path
 from dmd.runs import job_overrides, run_dir
+
+log = logging.getLogger(__name__)
 
 LOCK = ".lock"
 # What may be in a dir before any record is written: Hydra's job log, our lock file.
@@ -150,7 +153,11 @@ def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, start
     if not resumable:
         raise RunDirError(f"hydra.run.dir={folder} already holds the records of an earlier "
                           f"dmd.{task} job, which this one would overwrite: {fresh_dir}.")
-    old = OmegaConf.to_container(OmegaConf.load(folder / "config_resolved.yaml"), resolve=False)
+    recorded = folder / "config_resolved.yaml"
+    if not recorded.is_file():  # only Hydra's unresolved record (hydra.output_subdir set by hand)
+        log.warning("%s has no config_resolved.yaml: the resume's settings cannot be compared.", folder)
+        return {}
+    old = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
     changes = config_changes(old, OmegaConf.to_container(cfg, resolve=True))
     if not started:  # nothing was trained there yet: nothing for the new settings to contradict
         return changes

@@ -101,6 +101,16 @@ def _network_class(path: str, subfolder: str):
     return classes[name]
 
 
+def require_finite_weights(net: torch.nn.Module, where) -> None:
+    """Refuse weights with NaN/Inf (a flipped bit in the file, or a diverged run's save): they
+    would be sampled and scored as if they were a model."""
+    bad = [name for name, t in net.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{where} holds non-finite weights (NaN/Inf) in {len(bad)} tensor(s), e.g. "
+                         f"{', '.join(bad[:3])}: the file is corrupt (e.g. a flipped bit) or was saved "
+                         "from a diverged run. Nothing was sampled; restore it from a good copy.")
+
+
 def load_teacher(path: str, subfolder_unet: str = "unet",
                  subfolder_scheduler: str = "scheduler") -> Teacher:
     """Load a (class-conditional) ``UNet2DModel`` or ``MLPNet`` teacher and its scheduler, frozen."""
@@ -121,6 +131,7 @@ def load_teacher(path: str, subfolder_unet: str = "unet",
             f"'{subfolder_unet}/config.json', '{subfolder_unet}/diffusion_pytorch_model.safetensors' "
             f"and '{subfolder_scheduler}/scheduler_config.json'."
         ) from err
+    require_finite_weights(net, Path(path) / subfolder_unet)
     denoiser = DiffusersUNetDenoiser(_freeze(net), VPSchedule.from_diffusers(scheduler),
                                      scheduler.config.prediction_type)
     num_embeds = net.config.num_class_embeds or 0

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from dmd.data import GaussianMixture
 
@@ -29,3 +30,43 @@ def test_relative_out_is_relative_to_the_working_directory(cli, tmp_path):
     cli("dmd.sample", "teacher=gmm8", "num_samples=5", "out=rel/x.npz", "sampler.steps=2",
         f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert (tmp_path / "rel" / "x.npz").is_file()
+
+
+def _nan_copy(tmp_path):
+    """The bundled 2-D teacher with one weight turned NaN (as a flipped exponent bit does)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(ROOT / "experiments/checkpoints/gmm8_mlp", folder)
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    weights[name].view(-1)[3] = float("nan")
+    save_file(weights, path)
+    return folder, name
+
+
+def test_weights_with_nan_are_refused_before_sampling(cli, tmp_path):
+    folder, name = _nan_copy(tmp_path)
+    out = tmp_path / "x.npz"
+    proc = cli("dmd.sample", "teacher=gmm8_mlp", f"teacher.path={folder}", "num_samples=8", f"out={out}",
+               f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0 and "holds non-finite weights (NaN/Inf) in 1 tensor(s), e.g. " + name in proc.stderr
+    assert not out.exists()
+
+
+def test_samples_with_nan_are_never_returned():
+    import torch
+
+    from dmd.draw import draw_samples
+    from dmd.teachers import load_teacher
+
+    teacher = load_teacher(str(ROOT / "experiments/checkpoints/gmm8_mlp"))
+    noise = torch.randn(6, 2)
+    fine, _ = draw_samples(teacher, lambda z, c, u: z * 2, noise, batch_size=4, progress=False)
+    assert torch.equal(fine, noise * 2)
+    with pytest.raises(FloatingPointError, match="samples 4-5 contain NaN/Inf"):
+        draw_samples(teacher, lambda z, c, u: z if z.shape[0] == 4 else z * float("nan"), noise,
+                     batch_size=4, progress=False)

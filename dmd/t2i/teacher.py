@@ -18,7 +18,7 @@ from dmd.conditioning import condition_to, repeat_condition, select_condition
 from dmd.denoisers import DiffusersUNetDenoiser
 from dmd.schedule import VPSchedule
 from dmd.t2i.text import PromptEncoder
-from dmd.teachers import Teacher, _freeze
+from dmd.teachers import Teacher, _freeze, require_finite_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Prompts the sample grids and evaluations use when none are given (cycled to the sample count).
@@ -136,6 +136,7 @@ def load_text_to_image_teacher(path: str, dtype: str = "float32", prompts: list[
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=DTYPES[dtype])
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae")  # float32 (see to_images)
+        require_finite_weights(unet, Path(path) / "unet")
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     except (OSError, ValueError) as err:
         raise OSError(f"Could not load a Stable Diffusion pipeline from {path!r}: {err}. Expected "
