@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dmd.draw import sample_teacher
@@ -51,8 +52,14 @@ def load_or_make_pairs(teacher: Teacher, provenance: dict, cache_dir: str | Path
     key = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "pairs" / f"{key}.safetensors"
     if path.is_file():
-        log.info("Regression pairs: reusing %s", path)
-        return load_file(path)
+        try:
+            pairs = load_file(path)
+            if all(v.shape[0] == num_pairs for v in pairs.values()) and "images" in pairs:
+                log.info("Regression pairs: reusing %s", path)
+                return pairs
+            log.warning("Regression pairs: %s does not hold %d pairs; recomputing it.", path, num_pairs)
+        except (SafetensorError, OSError) as err:  # truncated or damaged: recomputed, not trusted
+            log.warning("Regression pairs: %s is unreadable (%s); recomputing it.", path, err)
     pairs = make_pairs(teacher, num_pairs, sampler, steps, guidance_scale, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(prov, indent=2))

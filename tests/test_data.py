@@ -80,3 +80,15 @@ def test_epoch_shuffle_changes_order_per_epoch_and_resumes_mid_epoch():
     resumed = EpochShuffle(10, seed=3)
     resumed.load_state_dict(state)
     assert head + list(resumed) == e0
+
+
+@pytest.mark.parametrize("cut", [2, 100, 5000])
+def test_a_cut_off_gzip_or_header_names_the_file(tmp_path, cut):
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        data = (DEBIAN_DIR / f"{stem}.gz").read_bytes()
+        (tmp_path / f"{stem}.gz").write_bytes(data[:cut] if "images" in stem else data)
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz is truncated or corrupt .*data.root elsewhere"):
+        load_fashion_mnist("test", root=tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08"))  # a header cut short
+    with pytest.raises(ValueError, match="no IDX header in its 3 bytes"):
+        load_fashion_mnist("test", root=tmp_path)

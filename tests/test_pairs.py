@@ -44,3 +44,17 @@ def test_each_pair_is_the_teachers_sample_for_its_own_noise_and_label():
         alone = sample(denoiser, pairs["noise"][i:i + 1], pairs["labels"][i:i + 1], teacher.null_condition(1),
                        "heun", 2, 2.0)
         torch.testing.assert_close(pairs["images"][i:i + 1], alone)
+
+
+def test_a_truncated_pair_cache_is_recomputed(tmp_path):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=fmnist_dmd", f"paths.cache_dir={tmp_path}",
+                                          "algorithm.regression.num_pairs=4", "algorithm.regression.steps=1"])
+    teacher = instantiate(cfg.teacher)
+    made = pairs_for_config(cfg, teacher)
+    (path,) = (tmp_path / "pairs").glob("*.safetensors")
+    whole = path.read_bytes()
+    for cut in (0, 40, len(whole) // 2):
+        path.write_bytes(whole[:cut])
+        again = pairs_for_config(cfg, teacher)
+        assert all(made[k].equal(again[k]) for k in made) and path.read_bytes() == whole

@@ -126,6 +126,14 @@ def test_prompt_files_are_read_and_bad_ones_refused(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="data.prompts"):
         read_prompts(tmp_path / "missing.txt")
+    # Null, blank or non-text prompts and non-string image fields are named by file and line.
+    for n, row in enumerate(['{"prompt": null}', '{"prompt": "  "}', '{"caption": 5}', '{"prompt": "a", "image": 3}'], 2):
+        (tmp_path / "rows.jsonl").write_text('{"prompt": "ok"}\n' * (n - 1) + row + "\n")
+        with pytest.raises(ValueError, match=rf"rows.jsonl, line {n}: (a prompt must be non-empty text|'image' must be)"):
+            read_prompts(tmp_path / "rows.jsonl")
+    (tmp_path / "nulls.json").write_text(json.dumps({"annotations": [{"caption": "a"}, {"caption": None}]}))
+    with pytest.raises(ValueError, match=r"annotations\[1\]: a prompt must be non-empty text, got None"):
+        read_prompts(tmp_path / "nulls.json")
     # Real images come from one place: the prompt file's pairs or a separate source, never both.
     from dmd.data.prompts import PromptDataModule
 

@@ -27,13 +27,19 @@ _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (big-endian header: magic, dims) into a uint8 array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
+    fix = "reinstall it (apt-get install --reinstall dataset-fashion-mnist) or point data.root elsewhere"
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError) as err:  # a cut-off or damaged gzip stream
+        raise ValueError(f"{path} is truncated or corrupt ({err}): {fix}.") from err
+    ndim = data[3] if len(data) >= 4 else 0
+    if len(data) < 4 + 4 * ndim or data[:2] != b"\0\0" or ndim == 0:
+        raise ValueError(f"{path} is truncated or corrupt (no IDX header in its {len(data)} bytes): {fix}.")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated or corrupt: header says {shape}, found {arr.size} bytes.")
+        raise ValueError(f"{path} is truncated or corrupt: header says {shape}, found {arr.size} bytes: {fix}.")
     return arr.reshape(shape)
 
 

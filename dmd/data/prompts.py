@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _prompt_text(value, where: str) -> str:
+    """A prompt must be non-empty text: null, numbers and blank strings are mistakes, not prompts."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: a prompt must be non-empty text, got {value!r}.")
+    return value.strip()
+
+
 def read_prompts(path: str | Path) -> tuple[list[str], list[Path | None]]:
     """Prompts of a .txt / .jsonl / .json file and the image paired with each (or None)."""
     path = Path(path).expanduser()
@@ -57,20 +64,26 @@ def read_prompts(path: str | Path) -> tuple[list[str], list[Path | None]]:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
+            where = f"{path}, line {n}"
             try:
                 row = json.loads(line)
-                prompts.append(str(next(row[k] for k in ("prompt", "caption", "text") if k in row)))
+                prompt = next(row[k] for k in ("prompt", "caption", "text") if k in row)
             except (json.JSONDecodeError, StopIteration, TypeError) as err:
-                raise ValueError(f"{path}, line {n}: expected a JSON object with a 'prompt' (or "
+                raise ValueError(f"{where}: expected a JSON object with a 'prompt' (or "
                                  f"'caption' / 'text') field, got {line[:80]!r}.") from err
-            images.append(path.parent / row["image"] if row.get("image") else None)
+            prompts.append(_prompt_text(prompt, where))
+            image = row.get("image")
+            if image is not None and not (isinstance(image, str) and image.strip()):
+                raise ValueError(f"{where}: 'image' must be a file name (a string), got {image!r}.")
+            images.append(path.parent / image if image else None)
     elif suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}).") from err
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-            prompts = [str(a["caption"]).strip() for a in data["annotations"] if "caption" in a]
+            prompts = [_prompt_text(a["caption"], f"{path}, annotations[{i}]")
+                       for i, a in enumerate(data["annotations"]) if isinstance(a, dict) and "caption" in a]
         elif isinstance(data, list) and all(isinstance(p, str) for p in data):
             prompts = [p.strip() for p in data if p.strip()]
         else:
