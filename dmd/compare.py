@@ -56,13 +56,24 @@ def run_record(where: str, overrides, status: str, metrics: dict | None, evaluat
 
 
 def load_run(run: Path) -> dict:
-    results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
-    overrides = results.get("overrides")
-    if overrides is None and (run / ".hydra" / "overrides.yaml").is_file():
-        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
-    status = results.get("status", "completed" if results.get("metrics") else "missing")
-    return run_record(str(run), overrides, status, results.get("metrics"),
-                      results.get("evaluations", []), results.get("error"))
+    """A run dir's record; one whose files cannot be read is kept as ``unreadable`` with the
+    reason (compare lists it and goes on with the others)."""
+    path = run / "results.json"
+    try:
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(results, dict):
+            raise ValueError(f"expected a JSON object, found a {type(results).__name__}")
+        overrides = results.get("overrides")
+        if overrides is None and (run / ".hydra" / "overrides.yaml").is_file():
+            overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError, UnicodeDecodeError too
+        return run_record(str(run), [], "unreadable", None, error=f"{path}: {err}")
+    metrics = results.get("metrics") if isinstance(results.get("metrics"), dict) else {}
+    evaluations = [e for e in results.get("evaluations") or [] if isinstance(e, dict)
+                   and "generator_step" in e and isinstance(e.get("metrics"), dict)]
+    status = results.get("status", "completed" if metrics else "missing")
+    return run_record(str(run), overrides if isinstance(overrides, list) else [], status, metrics,
+                      evaluations, results.get("error"))
 
 
 def is_number(v) -> bool:
@@ -76,20 +87,22 @@ class Comparison:
     swept: list[str]
     metrics: list[str]
     groups: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # runs whose records could not be read
 
     def markdown(self) -> str:
         head = [*self.swept, "n", *(f"{m} (mean ± std)" for m in self.metrics), "failed"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for g in self.groups:
-            cells = [g["params"].get(k, "-") for k in self.swept] + [str(g["n"])]
+            cells = [_cell(g["params"].get(k)) for k in self.swept] + [str(g["n"])]
             for m in self.metrics:
                 mean, std, n = g["stats"].get(m, (None, None, 0))
                 cells.append("-" if mean is None else f"{mean:.4g} ± {std:.2g}")
             cells.append(str(g["failed"]))
             lines.append("| " + " | ".join(cells) + " |")
-        failed = [r for r in self.runs if r["status"] != "completed"]
-        for r in failed:
+        for r in [r for r in self.runs if r["status"] != "completed"]:
             lines.append(f"\nFailed: {r['dir']} ({r['status']}): {r['error'] or 'no results.json'}")
+        for r in self.skipped:
+            lines.append(f"\nSkipped: {r['dir']} (unreadable): {r['error']}")
         return "\n".join(lines) + "\n"
 
     def plot(self, out_dir: str | Path) -> list[Path]:
@@ -112,7 +125,7 @@ class Comparison:
                         series.setdefault(key, []).append((g["params"].get(k), *g["stats"][m][:2]))
                 for key, pts in series.items():
                     pts.sort(key=lambda p: _sort_key(p[0]))
-                    xs = [str(p[0]) for p in pts]
+                    xs = [_cell(p[0]) for p in pts]
                     ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                                 capsize=3, label=", ".join(f"{o}={v}" for o, v in zip(others, key)) or None)
                 ax.set_xlabel(k)
@@ -132,6 +145,11 @@ class Comparison:
             ax.legend(fontsize=5)
             written.append(_save(fig, out_dir / f"{m}_vs_generator_step.png"))
         return written
+
+
+def _cell(value) -> str:
+    """A swept value as a table cell ('-' where a run did not set the key)."""
+    return "-" if value is None else str(value)
 
 
 def _save(fig, path: Path) -> Path:
@@ -154,6 +172,8 @@ def compare(paths=(), metrics: list[str] | None = None, runs: list[dict] | None 
     """Group the runs under ``paths`` (or the given run records, e.g. ``wandb_runs.group_runs``)
     by their swept overrides and aggregate over seeds."""
     runs = [load_run(r) for r in find_runs(paths)] if runs is None else runs
+    skipped = [r for r in runs if r["status"] == "unreadable"]
+    runs = [r for r in runs if r["status"] != "unreadable"]
     keys = sorted({k for r in runs for k in r["params"]})
     swept = [k for k in keys if not k.startswith(IGNORED)
              and len({r["params"].get(k) for r in runs}) > 1]
@@ -179,7 +199,7 @@ def compare(paths=(), metrics: list[str] | None = None, runs: list[dict] | None 
                 stats[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
                             len(vals))
         out.append({"params": g["params"], "n": len(g["runs"]), "failed": g["failed"], "stats": stats})
-    return Comparison(runs, swept, list(metrics), out)
+    return Comparison(runs, swept, list(metrics), out, skipped)
 
 
 def stat_cells(group: dict, metrics) -> list[str]:

@@ -19,6 +19,7 @@ Only then are the run's config records written: ``config_resolved.yaml`` and Hyd
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -64,7 +65,10 @@ def recorded_task(folder: Path) -> str | None:
                 return OmegaConf.load(record).get("task_name")
             except Exception:  # noqa: BLE001 - an unreadable record still marks the dir as taken
                 return "unknown (unreadable record)"
-    return None
+    try:  # a job refused before its config records were written leaves only its failure record
+        return json.loads((folder / "results.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def records_in(folder: Path) -> list[str]:
@@ -134,9 +138,10 @@ class _Lock:
             self.fd = None
 
 
-def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, started: bool) -> dict | None:
+def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, started: bool,
+                compare: bool = True) -> dict | None:
     """Refuse a dir this command may not write into. Returns None for a fresh dir, else the
-    changes a resume makes (``{key: [old, new]}``, maybe empty)."""
+    changes a resume makes (``{key: [old, new]}``, maybe empty; not compared: ``{}``)."""
     entries = records_in(folder)
     if not entries:
         return None
@@ -154,6 +159,8 @@ def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, start
         raise RunDirError(f"hydra.run.dir={folder} already holds the records of an earlier "
                           f"dmd.{task} job, which this one would overwrite: {fresh_dir}.")
     recorded = folder / "config_resolved.yaml"
+    if not compare:
+        return {}
     if not recorded.is_file():  # only Hydra's unresolved record (hydra.output_subdir set by hand)
         log.warning("%s has no config_resolved.yaml: the resume's settings cannot be compared.", folder)
         return {}
@@ -199,29 +206,43 @@ def _drop_empty_job_log(folder: Path) -> None:
 
 @contextmanager
 def claim_run_dir(cfg: DictConfig, task: str, resumable: bool = False, started=lambda d: False,
-                  on_error=None):
-    """Lock the current run dir, refuse what this command may not do there, write the config
-    records, and yield ``(run dir, resume)``; ``resume`` is None for a fresh dir, else
-    ``{"time", "overrides", "changed": {key: [old, new]}}``. ``started(dir)`` says whether the
-    dir holds trained state (then only operational settings may change). ``on_error(dir, err)``
-    records a failure of the job in its own dir (never in one this command was refused)."""
+                  prepare=None, on_error=None):
+    """Claim the current run dir for command ``task`` and yield ``(run dir, resume)``.
+
+    In order: ``prepare(cfg)`` (validation; it may complete the config), refusal of a dir this
+    command may not use (before the lock file is made: such a dir gets nothing), the lock, the
+    same check under the lock, and the config records. ``resume`` is None for a fresh dir, else
+    ``{"time", "overrides", "changed": {key: [old, new]}}``; ``started(dir)`` says whether the dir
+    holds trained state (then only operational settings may change). ``on_error(dir, err)``
+    records a failure (a refused config included, so that a sweep's bad job is reported) in the
+    job's own dir, never in a dir this command was refused."""
     folder = run_dir()
+    try:
+        if prepare is not None:
+            prepare(cfg)
+        invalid = None
+    except Exception as err:  # reported below, once the dir is known to be this job's
+        invalid = err
     if not is_leader():
+        if invalid is not None:
+            raise invalid
         yield folder, None
         return
-    try:  # refused before the lock file is made: a dir this command may not use gets nothing
-        check_reuse(folder, task, cfg, resumable, started(folder))
+    try:
+        check_reuse(folder, task, cfg, resumable, started(folder), compare=invalid is None)
     except RunDirError:
         _drop_empty_job_log(folder)
         raise
     lock = _Lock(folder)
     lock.acquire()
     try:
-        changes = check_reuse(folder, task, cfg, resumable, started(folder))  # again, under the lock
+        changes = check_reuse(folder, task, cfg, resumable, started(folder), compare=invalid is None)
         resume = None if changes is None else {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": job_overrides(),
             "changed": changes}
         try:
+            if invalid is not None:
+                raise invalid
             write_config_records(cfg, folder)
             yield folder, resume
         except Exception as err:

@@ -184,8 +184,7 @@ def prepare(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> Path:
     started = time.time()
-    prepare(cfg)
-    with claim_run_dir(cfg, "train", resumable=True, started=has_trained_state,
+    with claim_run_dir(cfg, "train", resumable=True, started=has_trained_state, prepare=prepare,
                        on_error=record_failure) as (out_dir, resume):
         return _train(cfg, out_dir, resume, started)
 
@@ -249,7 +248,7 @@ def record_failure(folder: Path, err: Exception) -> None:
         if record.get("status") == "completed":
             update_results(path, failed_attempts=[*record.get("failed_attempts", []), attempt])
         else:
-            update_results(path, status="failed", **attempt)
+            update_results(path, status="failed", task="train", **attempt)
     except (OSError, ValueError) as unreadable:  # never hide the error being reported
         log.warning("Could not record the failure in %s: %s", path, unreadable)
 

@@ -121,9 +121,9 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli("dmd.train", "-m", *TOY, "logger=none", "algorithm.ttur_ratio=0,2",
                f"hydra.sweep.dir={sweep}", check=False)
-    assert "ttur_ratio must be >= 1" in proc.stderr
+    assert "algorithm.ttur_ratio=0: must be a whole number >= 1" in proc.stderr
     failed = json.loads((sweep / "0" / "results.json").read_text())
-    assert failed["status"] == "failed" and "ttur_ratio must be >= 1" in failed["error"]
+    assert failed["status"] == "failed" and "algorithm.ttur_ratio=0: must be" in failed["error"]
     assert json.loads((sweep / "1" / "results.json").read_text())["status"] == "completed"
     md = compare([sweep]).markdown()
     assert "| 0 | 0 |" in md and "| 2 | 1 |" in md and "Failed:" in md
@@ -182,3 +182,25 @@ def test_a_sweep_preset_runs_as_a_multirun(cli, tmp_path):
     seeds = sorted(json.loads((tmp_path / str(i) / "results.json").read_text())["config"]["seed"]
                    for i in range(3))
     assert seeds == [0, 1, 2]
+
+
+def test_compare_goes_on_past_unreadable_records_and_runs_with_other_keys(tmp_path):
+    _fake_run(tmp_path / "0", 1, 0, 2.0)
+    _fake_run(tmp_path / "1", 1, 1, 4.0)
+    (tmp_path / "2").mkdir()  # differs from the others by one more override
+    (tmp_path / "2" / "results.json").write_text(json.dumps(
+        {"status": "completed", "overrides": ["experiment=x", "algorithm.ttur_ratio=1", "seed=0", "optim.lr_fake=1e-3"],
+         "metrics": {"fid": 1.0}}))
+    _fake_run(tmp_path / "3", 5, 0, 3.0)
+    whole = (tmp_path / "3" / "results.json").read_text()
+    (tmp_path / "3" / "results.json").write_text(whole[: len(whole) // 2])  # cut off mid-write
+    (tmp_path / "4").mkdir()
+    (tmp_path / "4" / "results.json").write_text("[1, 2]")
+    out = tmp_path / "cmp"
+    from dmd.compare import main
+
+    main([str(tmp_path), "--out", str(out)])
+    md = (out / "comparison.md").read_text()
+    assert "| - | 2 | 3 ± 1.4 | 0 |" in md and "| 1e-3 | 1 | 1 ± 0 | 0 |" in md
+    assert f"Skipped: {tmp_path / '3'} (unreadable): {tmp_path / '3' / 'results.json'}: " in md
+    assert f"Skipped: {tmp_path / '4'} (unreadable)" in md and "expected a JSON object, found a list" in md

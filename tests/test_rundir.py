@@ -184,3 +184,28 @@ def test_a_failure_after_the_claim_is_recorded_in_the_claimed_dir_only(tmp_path)
             with claim_run_dir(cfg, "evaluate", on_error=lambda d, e: seen.append(d)):
                 pass
     assert len(seen) == 1
+
+
+def test_a_refused_config_is_recorded_in_a_fresh_dir_only(tmp_path):
+    from dmd.validation import ConfigError, validate
+
+    seen = []
+    record = lambda d, e: (d / "results.json").write_text(json.dumps({"status": "failed", "task": "train"}))  # noqa: E731
+    run = tmp_path / "sweep" / "0"
+    with hydra_job("train", run, "experiment=gmm_dmd2", "algorithm.ttur_ratio=0") as cfg:
+        with pytest.raises(ConfigError, match="algorithm.ttur_ratio=0"):
+            with claim_run_dir(cfg, "train", resumable=True, prepare=lambda c: validate(c, "train"),
+                               on_error=record):
+                seen.append("ran")
+    assert not seen and sorted(p.name for p in run.iterdir()) == [".lock", "results.json"]  # no config records
+    # The job's dir stays its own: the corrected job reruns into it.
+    with hydra_job("train", run, "experiment=gmm_dmd2") as cfg:
+        with claim_run_dir(cfg, "train", resumable=True, prepare=lambda c: validate(c, "train")) as (_, resume):
+            assert resume == {**resume, "changed": {}}
+    other = make_train_run(tmp_path / "other")
+    before = digests(other)
+    with hydra_job("evaluate", other, "eval.num_samples=1") as cfg:
+        with pytest.raises(RunDirError):
+            with claim_run_dir(cfg, "evaluate", prepare=lambda c: validate(c, "evaluate"), on_error=record):
+                pass
+    assert digests(other) == before
