@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from dmd.files import atomic_path
@@ -48,8 +49,9 @@ OPERATIONAL = ("max_iterations", "generator_steps", "ckpt_path", "allow_changes_
 LENGTHS = ("max_iterations", "generator_steps", "max_steps")
 
 
-class RunDirError(ValueError):
-    """The run dir cannot be used by this command; nothing in it was changed."""
+class RunDirError(CompactHydraException, ValueError):
+    """The run dir cannot be used by this command; nothing in it was changed (Hydra prints the
+    message alone)."""
 
 
 def is_leader() -> bool:

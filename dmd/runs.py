@@ -23,8 +23,10 @@ def run_dir() -> Path:
 
 def require(condition: bool, message: str) -> None:
     """Fail early on a bad config value with a message that names the key and the fix."""
+    from dmd.validation import ConfigError
+
     if not condition:
-        raise ValueError(f"Bad config: {message}")
+        raise ConfigError(f"Bad config: {message}")
 
 
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _MISSING = object()
 
 
-class ConfigError(ValueError):
-    """Configuration values that cannot be meant (every problem in one message)."""
+class ConfigError(CompactHydraException, ValueError):
+    """Configuration values that cannot be meant (every problem in one message). Hydra prints
+    its message alone: a user's mistake needs no stack trace."""
 
 
 def _is_int(v) -> bool:
