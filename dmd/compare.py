@@ -238,7 +238,10 @@ def main(argv=None) -> None:
             p.error("--wandb needs --out DIR (where comparison.md and the plots go).")
         c = compare(metrics=args.metrics, runs=group_runs(args.wandb, args.group))
     else:
-        c = compare(args.paths, args.metrics)
+        try:
+            c = compare(args.paths, args.metrics)
+        except FileNotFoundError as err:  # a mistyped path: say so, no traceback
+            p.error(str(err))
     out = Path(args.out) if args.out else Path(args.paths[0]) / "comparison"
     out.mkdir(parents=True, exist_ok=True)
     md = c.markdown()

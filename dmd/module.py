@@ -359,10 +359,25 @@ class DMDModule(pl.LightningModule):
         if self.sharded:  # the strategy has loaded the module's weights itself
             return
         state = checkpoint["state_dict"]
+        self._check_matches(state, checkpoint)
         state.update({f"real_score.{k}": v for k, v in self.real_score.state_dict().items()})
         if isinstance(self.regression_distance, nn.Module):
             state.update({f"regression_distance.{k}": v
                           for k, v in self.regression_distance.state_dict().items()})
+
+    def _check_matches(self, state: dict, checkpoint: dict) -> None:
+        """Refuse, in one sentence, a checkpoint of other networks (another preset's run)."""
+        frozen = ("real_score.", "regression_distance.")
+        mine = {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith(frozen)}
+        theirs = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(frozen)}
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if differ:
+            k = differ[0]
+            raise ValueError(
+                f"This checkpoint holds other networks than this run builds ({len(differ)} of "
+                f"{len(mine)} weights differ, e.g. {k}: {theirs.get(k, 'missing')} in the checkpoint, "
+                f"{mine.get(k, 'missing')} here): it was written by a run of another preset or "
+                "network. Resume it with its own command, or point ckpt_path elsewhere.")
 
     def release_generator(self) -> Generator | None:
         """A copy of the generator with the EMA weights if EMA is on (the model to release), on

@@ -172,7 +172,11 @@ def has_trained_state(folder: Path) -> bool:
     """Whether a train run dir holds training progress (a checkpoint or a completed record)."""
     last = folder / "checkpoints" / "last.ckpt"
     saves = [last, previous_save(last), previous_save(last, sharded=True)]
-    return any(p.exists() for p in saves) or read_results(folder / "results.json").get("status") == "completed"
+    try:
+        completed = read_results(folder / "results.json").get("status") == "completed"
+    except (OSError, ValueError):  # an unreadable record: the checkpoints decide
+        completed = False
+    return completed or any(p.exists() for p in saves)
 
 
 def prepare(cfg: DictConfig) -> None:

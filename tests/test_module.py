@@ -58,6 +58,17 @@ def test_cadence_survives_resume_in_the_middle(tmp_path):
     assert resumed.generator_steps == math.ceil(14 / 3)
 
 
+def test_a_checkpoint_of_other_networks_is_refused_in_one_sentence(tmp_path):
+    trainer = _fit(_module(3), 3, tmp_path)
+    trainer.save_checkpoint(tmp_path / "small.ckpt")
+    wider = _module(3)
+    sched = wider.real_score.schedule
+    wider.generator = Generator(MLPDenoiser(sched, "v_prediction", hidden=32, depth=2), (999,))
+    with pytest.raises(ValueError, match=r"holds other networks than this run builds \(\d+ of \d+ weights differ, "
+                                         r"e.g. generator\..*: \(16,\) in the checkpoint, \(32,\) here\)"):
+        _fit(wider, 3, tmp_path, epochs=2, ckpt_path=tmp_path / "small.ckpt")
+
+
 def test_non_finite_loss_stops_training_before_the_update(tmp_path):
     module = _module(1)
 
