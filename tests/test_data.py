@@ -82,6 +82,59 @@ def test_epoch_shuffle_changes_order_per_epoch_and_resumes_mid_epoch():
     assert head + list(resumed) == e0
 
 
+class _Recorder:
+    """A LightningModule that records the batches it trains on (and learns nothing)."""
+
+    @staticmethod
+    def make():
+        import pytorch_lightning as pl
+
+        class Recorder(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(()))
+                self.seen = []
+
+            def training_step(self, batch, i):
+                self.seen.append(batch[0].flatten().tolist())
+                return self.w * 0
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Recorder()
+
+
+@pytest.mark.parametrize("stop", [3, 8, 16, 13])  # mid-epoch, at the end of epoch 1 and of epoch 2
+def test_a_resume_sees_the_batches_of_an_uninterrupted_run_also_at_an_epoch_boundary(tmp_path, stop):
+    """The loader's saved position at the end of an epoch once made the resumed run skip the
+    whole next epoch (Lightning loads the state, then sets the new epoch)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import TensorDataset
+
+    from dmd.data.loaders import resumable_loader
+
+    class SaveAtTheStop(pl.Callback):  # as dmd's IterationCheckpoint: in the batch's end hook
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == trainer.max_steps:
+                trainer.save_checkpoint(tmp_path / "stop.ckpt")
+
+    def fit(max_steps, module, ckpt=None):
+        trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                             enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+                             callbacks=[SaveAtTheStop()])
+        data = resumable_loader(TensorDataset(torch.arange(32.0)), batch_size=4, seed=5)
+        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt)
+
+    straight = _Recorder.make()
+    fit(20, straight)
+    first = _Recorder.make()
+    fit(stop, first)
+    second = _Recorder.make()
+    fit(20, second, tmp_path / "stop.ckpt")
+    assert first.seen + second.seen == straight.seen
+
+
 @pytest.mark.parametrize("cut", [2, 100, 5000])
 def test_a_cut_off_gzip_or_header_names_the_file(tmp_path, cut):
     for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):

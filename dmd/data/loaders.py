@@ -27,6 +27,8 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts at its beginning, whatever state was loaded
+            self.start = 0
         self.epoch = epoch
 
     def __iter__(self):
@@ -42,6 +44,8 @@ class EpochShuffle(Sampler[int]):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.start = state["epoch"], state["yielded"]
+        if self.start >= self.n:  # saved at the end of an epoch: the next one is next
+            self.epoch, self.start = self.epoch + 1, 0
 
 
 def resumable_loader(dataset, batch_size: int, seed: int, **kwargs) -> StatefulDataLoader:
