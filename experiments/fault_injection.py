@@ -7,8 +7,8 @@ Each trial trains the tiny 2-D preset (``gmm_dmd2``, ITERATIONS iterations, a ch
 EVERY) into a fresh run dir, injects one fault, then reruns the same command until the run
 completes (at most 3 reruns). The faults, in turn:
 
-* ``kill-training``: SIGKILL at a random moment of the run (same filesystem as $TMPDIR, or
-  another one: /dev/shm), then resume;
+* ``kill-training``: SIGKILL at a random moment of the run (a random time after a random number
+  of saves; same filesystem as $TMPDIR, or another one: /dev/shm), then resume;
 * ``kill-saving``: SIGKILL in the middle of writing a random checkpoint, a random fraction of
   its bytes written (torch.save patched in the child), same or other filesystem;
 * ``full-disk``: the run dir on a small tmpfs that fills up during training (or, where mounting
@@ -118,18 +118,20 @@ def mount_tmpfs(folder: Path, size: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-def trial(kind: str, base: Path, rng: random.Random, reference: dict, wall: float, dir_bytes: int) -> dict:
+def trial(kind: str, base: Path, rng: random.Random, reference: dict, dir_bytes: int) -> dict:
     """One fault and the reruns after it; returns what happened and what was checked."""
     run, journal = base / "run", base / "journal"
     out = {"fault": kind, "filesystem": "same as $TMPDIR", "detail": "", "reruns": 0}
     mounted = False
-    if kind == "kill-training":
+    if kind == "kill-training":  # after a random number of completed saves, a random moment later
         proc = start(run, journal)
-        delay = rng.uniform(0.3, 1.0) * wall
+        after, delay = rng.randint(0, ITERATIONS // EVERY - 1), rng.uniform(0, 0.5)
+        while len(journaled(journal)) < after and proc.poll() is None:
+            time.sleep(0.01)
         time.sleep(delay)
         proc.kill()
-        finish(proc)
-        out["detail"] = f"SIGKILL after {delay:.1f} s"
+        rc, _ = finish(proc)
+        out["detail"] = f"SIGKILL {delay:.2f} s after save {after} (rc {rc})"
     elif kind == "kill-saving":
         kill_at, fraction = rng.randint(1, ITERATIONS // EVERY + 1), rng.uniform(0.01, 0.99)
         rc, _ = finish(start(run, journal, KILL_AT=kill_at, KILL_FRACTION=fraction))
@@ -139,7 +141,8 @@ def trial(kind: str, base: Path, rng: random.Random, reference: dict, wall: floa
         mounted = mount_tmpfs(run, size)
         env = {} if mounted else {"FSIZE_LIMIT": int(size * 0.4)}
         rc, err = finish(start(run, journal, **env))
-        tail = err.strip().splitlines()[-1][:120] if err.strip() else ""
+        lines = [line for line in err.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+        tail = lines[-1][:120] if lines else ""
         out["filesystem"] = f"tmpfs of {size // 1024} KiB" if mounted else "file-size limit (no mount)"
         out["detail"] = f"rc {rc}: {tail}"
         if mounted:  # free space: a larger tmpfs with the same files
@@ -164,7 +167,8 @@ def trial(kind: str, base: Path, rng: random.Random, reference: dict, wall: floa
         if len(resumes) > before:
             starts.append((resumes[-1].get("from_iteration"), done_saves[-1] if done_saves else None))
         if rc != 0:
-            out.setdefault("rerun_errors", []).append(err.strip().splitlines()[-1][:200] if err.strip() else f"rc {rc}")
+            lines = [line for line in err.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+            out.setdefault("rerun_errors", []).append(lines[-1][:200] if lines else f"rc {rc}")
     record = read_json(run / "results.json")
     problems = []
     if record.get("status") != "completed" or record.get("iterations") != ITERATIONS:
@@ -204,11 +208,9 @@ def main() -> None:
     shm = other_filesystem(work)
     started = time.time()
     ref_dir = work / "reference"
-    t0 = time.time()
     rc, err = finish(start(ref_dir, work / "reference.journal"))
     if rc != 0:
         raise SystemExit(f"The uninterrupted reference run failed:\n{err[-3000:]}")
-    wall = time.time() - t0
     reference = generator_weights(ref_dir)
     dir_bytes = sum(f.stat().st_size for f in ref_dir.rglob("*") if f.is_file())
     results = []
@@ -217,7 +219,7 @@ def main() -> None:
         on_other = kind in ("kill-training", "kill-saving") and (i // len(FAULTS)) % 2 == 1 and shm is not None
         base = (shm if on_other else work) / f"trial-{i:02d}"
         base.mkdir(parents=True)
-        r = trial(kind, base, rng, reference, wall, dir_bytes)
+        r = trial(kind, base, rng, reference, dir_bytes)
         if on_other:
             r["filesystem"] = "other than $TMPDIR (/dev/shm)"
         results.append(r)
