@@ -101,6 +101,20 @@ def _network_class(path: str, subfolder: str):
     return classes[name]
 
 
+def _name_damaged_weights(folder: Path, err: Exception) -> None:
+    """Say "truncated or corrupt" when a present weights file cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(weights), "pt") as f:  # only on the error path: reads every tensor
+                for key in f.keys():
+                    f.get_tensor(key)
+        except (SafetensorError, OSError) as bad:
+            raise OSError(f"{weights} is truncated or corrupt ({weights.stat().st_size} bytes: {bad}). "
+                          "Restore it from a good copy.") from err
+
+
 def require_finite_weights(net: torch.nn.Module, where) -> None:
     """Refuse weights with NaN/Inf (a flipped bit in the file, or a diverged run's save): they
     would be sampled and scored as if they were a model."""
@@ -126,6 +140,7 @@ def load_teacher(path: str, subfolder_unet: str = "unet",
         net = _network_class(str(path), subfolder_unet).from_pretrained(str(path), subfolder=subfolder_unet)
         scheduler = DDPMScheduler.from_pretrained(str(path), subfolder=subfolder_scheduler)
     except (OSError, ValueError) as err:
+        _name_damaged_weights(local / subfolder_unet, err)
         raise OSError(
             f"Could not load a diffusers model + scheduler from {path!r}: {err}. Expected "
             f"'{subfolder_unet}/config.json', '{subfolder_unet}/diffusion_pytorch_model.safetensors' "

@@ -70,3 +70,18 @@ def test_samples_with_nan_are_never_returned():
     with pytest.raises(FloatingPointError, match="samples 4-5 contain NaN/Inf"):
         draw_samples(teacher, lambda z, c, u: z if z.shape[0] == 4 else z * float("nan"), noise,
                      batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("keep", [0.001, 0.5])
+def test_a_truncated_weights_file_is_named(tmp_path, keep):
+    import shutil
+
+    from dmd.teachers import load_teacher
+
+    folder = tmp_path / "cut"
+    shutil.copytree(ROOT / "experiments/checkpoints/gmm8_mlp", folder)
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(OSError, match=rf"{path} is truncated or corrupt \({int(len(data) * keep)} bytes"):
+        load_teacher(str(folder))
