@@ -42,11 +42,11 @@ NOT_RECORDS = (LOCK,)
 # Settings a resume may change without changing what the run trains (prefixes of dotted keys).
 OPERATIONAL = ("max_iterations", "generator_steps", "ckpt_path", "allow_changes_on_resume",
                "logger", "callbacks", "eval", "paths", "grid", "checkpoint_every_n_steps",
-               "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
+               "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
                "trainer.enable_progress_bar", "trainer.log_every_n_steps", "data.num_workers",
                "gradient_checkpointing")
 # Of those, the ones that may only grow (a shorter run than recorded would contradict the record).
-LENGTHS = ("max_iterations", "generator_steps", "max_steps")
+LENGTHS = ("max_iterations", "generator_steps", "trainer.max_steps")
 
 
 class RunDirError(CompactHydraException, ValueError):

@@ -82,17 +82,23 @@ def pair_in(lo: float, hi: float) -> tuple[Callable, str]:
             f"two numbers in [{lo:g}, {hi:g})")
 
 
-def _sampler_rules(prefix: str = "sampler") -> list:
+def _samplers() -> tuple[Callable, str]:
     from dmd.sampling import SAMPLERS
 
-    return [(f"{prefix}.name", one_of(*SAMPLERS)), (f"{prefix}.steps", whole(1)),
+    return one_of(*SAMPLERS)
+
+
+def _sampler_rules(prefix: str = "sampler") -> list:
+    return [(f"{prefix}.name", _samplers()), (f"{prefix}.steps", whole(1)),
             (f"{prefix}.guidance_scale", number(0)), (f"{prefix}.spacing", one_of("karras", "linspace", "trailing"))]
 
 
-COMMON = [("seed", whole()), ("batch_size", whole(1)), ("data.batch_size", whole(1)),
-          ("data.num_workers", whole(0)), ("trainer.max_steps", whole(-1)), ("trainer.devices", (
-              lambda v: v == "auto" or (_is_int(v) and v >= 1) or isinstance(v, (list, tuple)),
-              "a whole number >= 1, a list of device ids, or auto"))]
+SEED = [("seed", whole())]
+DATA = [("data.batch_size", whole(1)), ("data.num_workers", whole(0))]
+TRAINER = [("trainer.max_steps", whole(-1)), ("trainer.devices", (
+    lambda v: v == "auto" or (_is_int(v) and v >= 1) or isinstance(v, (list, tuple)),
+    "a whole number >= 1, a list of device ids, or auto"))]
+DRAW = [("batch_size", whole(1))]  # the commands that draw samples in batches
 
 EVAL = [("eval.num_samples", whole(2)), ("eval.every_n_generator_steps", whole(1)),
         ("eval.grid_size", whole(1)), ("eval.seed", whole())]
@@ -110,12 +116,13 @@ TRAIN = [
     ("algorithm.regression.batch_size", whole(1)), ("algorithm.regression.steps", whole(1)),
     ("algorithm.regression.guidance_scale", number(0)), ("algorithm.regression.seed", whole()),
     ("algorithm.regression.distance", one_of("l2", "lpips", "perceptual", "features")),
+    ("algorithm.regression.sampler", _samplers()),
     ("algorithm.lora.generator_rank", whole(0)), ("algorithm.lora.fake_score_rank", whole(0)),
     ("optim.lr_generator", number(0, lo_open=True)), ("optim.lr_fake", number(0, lo_open=True)),
     ("optim.betas", pair_in(0, 1)), ("optim.weight_decay", number(0)), ("optim.warmup_steps", whole(0)),
     ("optim.grad_clip", number(0, lo_open=True, optional=True)),
     ("callbacks.checkpoint.every_n_iterations", whole(1)),
-    *EVAL, *_sampler_rules("algorithm.regression")[0:1],
+    *EVAL,
 ]
 
 TEACHER_TRAINING = [("lr", number(0, lo_open=True)), ("weight_decay", number(0)), ("warmup_steps", whole(0)),
@@ -124,15 +131,15 @@ TEACHER_TRAINING = [("lr", number(0, lo_open=True)), ("weight_decay", number(0))
                     ("grid.num_samples", whole(1)), ("grid.steps", whole(1)), ("grid.guidance_scale", number(0))]
 
 RULES = {
-    "train": COMMON + TRAIN,
-    "sample": COMMON + _sampler_rules() + [("num_samples", whole(1)), ("grid_size", whole(0)),
+    "train": SEED + DATA + TRAINER + TRAIN,
+    "sample": SEED + DRAW + _sampler_rules() + [("num_samples", whole(1)), ("grid_size", whole(0)),
                                            ("out", (lambda v: isinstance(v, str) and v.endswith(".npz"),
                                                     "a file name ending in .npz"))],
-    "evaluate": COMMON + _sampler_rules() + EVAL[:1] + EVAL[2:] + [
+    "evaluate": SEED + DRAW + _sampler_rules() + EVAL[:1] + EVAL[2:] + [
         ("latency.batch_sizes", whole_list(1, nonempty=False)), ("latency.repeats", whole(1)),
         ("latency.warmup", whole(0))],
-    "pretrain": COMMON + TEACHER_TRAINING,
-    "train_classifier": COMMON + [("lr", number(0, lo_open=True)), ("weight_decay", number(0)),
+    "pretrain": SEED + DATA + TRAINER + TEACHER_TRAINING,
+    "train_classifier": SEED + DATA + TRAINER + [("lr", number(0, lo_open=True)), ("weight_decay", number(0)),
                                   ("feature_dim", whole(1)), ("channels", whole_list(1))],
 }
 

@@ -139,6 +139,8 @@ def test_change_rules():
     assert refused_changes(changes, allowed=["a"]) == []
     assert refused_changes({"generator_steps": [300, 100]}) == ["generator_steps: 300 -> 100 (shorter than recorded)"]
     assert refused_changes({"trainer.precision": ["32-true", "bf16-mixed"]}) != []
+    assert refused_changes({"trainer.max_steps": [4000, 8000]}) == []  # extending a teacher
+    assert refused_changes({"trainer.max_steps": [4000, 2000]}) != []
     assert refused_changes({"trainer.devices": [1, 2], "callbacks.checkpoint.every_n_iterations": [500, 1]}) == []
 
 

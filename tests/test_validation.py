@@ -36,6 +36,7 @@ TRAIN_MISTAKES = {
     "callbacks.checkpoint.every_n_iterations=0": "callbacks.checkpoint.every_n_iterations=0: must be",
     "generator_steps=-3": "generator_steps=-3: must be a whole number >= 1 (or null)",
     "optim.betas=[0.9,1.5]": "optim.betas=[0.9, 1.5]: must be two numbers in [0, 1)",
+    "algorithm.regression.sampler=dpm": "algorithm.regression.sampler='dpm': must be one of ddim, euler, heun",
 }
 
 
@@ -82,3 +83,17 @@ def test_a_refused_config_writes_nothing(cli, tmp_path):
     proc = cli("dmd.sample", "out=x.npz", "num_samples=abc", f"hydra.run.dir={tmp_path}/run", check=False)
     assert proc.returncode != 0 and "num_samples='abc': must be a whole number >= 1" in proc.stderr
     assert not (tmp_path / "run" / "config_resolved.yaml").exists() and not (tmp_path / "x.npz").exists()
+
+
+def test_every_rule_names_a_key_the_configs_have():
+    """A rule on a misspelt key would be skipped silently: each must match some shipped config."""
+    from omegaconf import OmegaConf
+
+    from dmd.validation import RULES
+
+    presets = {"train": [["experiment=fmnist_dmd"], ["experiment=gmm_dmd2"], ["experiment=t2i_tiny"]],
+               "sample": [["out=x.npz"]], "evaluate": [[]], "pretrain": [[]], "train_classifier": [[]]}
+    for task, rules in RULES.items():
+        cfgs = [_cfg(task, *o) for o in presets[task]]
+        missing = [k for k, _ in rules if all(OmegaConf.select(c, k, default="<none>") == "<none>" for c in cfgs)]
+        assert missing == [], task
