@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -60,10 +61,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options.")
         path = Path(path)
         with atomic_path(path) as tmp:  # a sibling: the rename below never crosses filesystems
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+                free = shutil.disk_usage(path.parent).free
+                raise OSError(f"Writing the checkpoint {path} failed ({str(err).splitlines()[0][:200]}); its "
+                              f"filesystem has {free / 2**20:.1f} MiB free. The previous save is intact: "
+                              "free space and rerun the same command to resume from it.") from err
             if whole_checkpoint(path):  # a truncated file (an older writer's) never displaces a good one
                 os.replace(path, previous_save(path))
         _fsync_dir(path.parent)
