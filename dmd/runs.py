@@ -65,6 +65,8 @@ LEFT_IN_PLACE = ("It is left in place: move it aside to start this run dir afres
 
 
 def _not_whole(path: Path) -> str:
+    if path.is_dir():
+        return f"{path} is a folder but not a whole sharded checkpoint (no meta.pt)"
     size = path.stat().st_size if path.is_file() else 0
     return f"{path} is truncated or corrupt ({size} bytes: not a whole torch checkpoint)"
 

@@ -119,3 +119,9 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_save_or_is_named
     with pytest.raises(ValueError, match=r"last.ckpt.prev is truncated or corrupt \(100 bytes"):
         resolve_ckpt_path(str(ckpts / "last.ckpt.prev"), tmp_path)
     assert (ckpts / "last.ckpt").exists() and (ckpts / "last.ckpt.prev").exists()  # nothing deleted
+
+
+def test_a_folder_that_is_not_a_sharded_checkpoint_is_named(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ValueError, match="notes is a folder but not a whole sharded checkpoint"):
+        resolve_ckpt_path(str(tmp_path / "notes"), tmp_path)

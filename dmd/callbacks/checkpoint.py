@@ -33,9 +33,10 @@ SHARDED_PREVIOUS_SUFFIX = ".old"  # FullyShardedStrategy's previous folder, whil
 
 
 def whole_checkpoint(path: str | Path) -> bool:
-    """A folder of shards, or a file whose zip directory (written last by ``torch.save``) is intact."""
+    """A folder of shards (Lightning writes its ``meta.pt`` last), or a file whose zip directory
+    (written last by ``torch.save``) is intact."""
     path = Path(path)
-    return path.is_dir() or (path.is_file() and zipfile.is_zipfile(path))
+    return (path / "meta.pt").is_file() if path.is_dir() else path.is_file() and zipfile.is_zipfile(path)
 
 
 def checkpoint_iteration(path: str | Path | None) -> int | None:
