@@ -207,6 +207,9 @@ def _train(cfg: DictConfig, out_dir: Path, resume: dict | None, started: float) 
         update_results(out_dir / "results.json",
                        resumes=[*read_results(out_dir / "results.json").get("resumes", []), resume])
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if module.iteration == 0:  # e.g. a dataset smaller than one batch: never "completed"
+        raise RuntimeError("Training ran no iteration (Lightning's reason is logged above, e.g. 'No "
+                           "training batches': data smaller than one batch?). Nothing was released.")
     ranks = rank_states(module)  # collectives: every rank takes part
     released = module.release_generator()
     if not trainer.is_global_zero:  # rank 0 releases the generator and writes the record
@@ -227,8 +230,12 @@ def _train(cfg: DictConfig, out_dir: Path, resume: dict | None, started: float) 
         "iterations": module.iteration, "generator_steps": module.generator_steps,
         "fake_steps": module.fake_steps, "nfe": generator.num_steps,
         "metrics": metrics, "wall_seconds": round(time.time() - started, 1), "ranks": ranks,
+        "stopped_early": module.iteration < cfg.max_iterations,  # e.g. trainer.max_time
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if results["stopped_early"]:
+        log.warning("Training stopped at iteration %d of max_iterations=%d (see Lightning's reason "
+                    "above); results.json records it as stopped_early.", module.iteration, cfg.max_iterations)
     update_results(out_dir / "results.json", **results)  # beside the callback's evaluations
     log.info("Run dir %s: samples.png, results.json, generator/ (sample it with "
              "`python -m dmd.sample ckpt=%s num_samples=N out=FILE.npz`). Final metrics: %s",

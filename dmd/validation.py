@@ -104,6 +104,7 @@ EVAL = [("eval.num_samples", whole(2)), ("eval.every_n_generator_steps", whole(1
         ("eval.grid_size", whole(1)), ("eval.seed", whole())]
 
 TRAIN = [
+    ("data.num_samples", whole(1)),
     ("max_iterations", whole(1)), ("generator_steps", whole(1, optional=True)),
     ("algorithm.ttur_ratio", whole(1)), ("algorithm.guidance_scale", number(0)),
     ("algorithm.generator_timesteps", whole_list(0)), ("algorithm.dm_weight", number(0)),
@@ -172,6 +173,10 @@ def cross_problems(cfg: DictConfig, task: str) -> list[str]:
         if all(_is_number(w) and w == 0 for w in weights.values()):
             found.append(f"{', '.join(weights)} are all 0: the generator would never move "
                          "(set at least one > 0)")
+    n, batch = OmegaConf.select(cfg, "data.num_samples"), OmegaConf.select(cfg, "data.batch_size")
+    if task in ("train", "pretrain", "train_classifier") and _is_int(n) and _is_int(batch) and 0 < n < batch:
+        found.append(f"data.num_samples={n} is smaller than data.batch_size={batch}: not one full "
+                     "batch to train on")
     return found
 
 

@@ -97,3 +97,20 @@ def test_every_rule_names_a_key_the_configs_have():
         cfgs = [_cfg(task, *o) for o in presets[task]]
         missing = [k for k, _ in rules if all(OmegaConf.select(c, k, default="<none>") == "<none>" for c in cfgs)]
         assert missing == [], task
+
+
+def test_data_smaller_than_one_batch_is_refused():
+    with pytest.raises(ConfigError, match="data.num_samples=16 is smaller than data.batch_size=32: not one full batch"):
+        validate(_cfg("train", "experiment=gmm_dmd2", "data.num_samples=16", "data.batch_size=32"), "train")
+
+
+@pytest.mark.slow
+def test_a_training_that_runs_no_iteration_is_never_completed(cli, tmp_path):
+    import json
+
+    run = tmp_path / "run"  # 16 prompts, batches of 32 (drop_last): not one batch
+    proc = cli("dmd.train", "experiment=t2i_tiny", "data.batch_size=32", "max_iterations=2",
+               f"hydra.run.dir={run}", check=False)
+    assert proc.returncode != 0 and "Training ran no iteration" in proc.stderr
+    record = json.loads((run / "results.json").read_text())
+    assert record["status"] == "failed" and not (run / "generator").exists()
