@@ -28,6 +28,36 @@ def atomic_path(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+def replace_folder(new: Path, path: Path, old: Path) -> None:
+    """Put the complete folder ``new`` at ``path``; what was there moves to ``old`` and is
+    removed last (a crash leaves the previous folder whole at ``path`` or at ``old``, never a
+    mix of old and new files)."""
+    import shutil
+
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yields a temporary folder beside ``path``; it replaces ``path`` whole when the block
+    succeeds (:func:`replace_folder`), and is removed when it fails."""
+    import shutil
+
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_folder(tmp, path, path.with_name(path.name + ".old"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_safetensors(tensors: dict, path: str | Path) -> None:
     """safetensors ``save_file``, atomically."""
     from safetensors.torch import save_file

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dmd.files import atomic_folder
 from dmd.losses import randn_like
 
 
@@ -80,16 +81,17 @@ def save_generator(generator: Generator, teacher, folder: str | Path) -> Path:
     from dmd.t2i.lora import fused_copy, has_lora, save_lora
 
     folder = Path(folder)
-    unet = generator.denoiser.unet
-    if has_lora(unet):
-        save_lora(unet, folder, teacher.pipeline_class)
-        unet = fused_copy(unet)
-    unet.save_pretrained(folder / "unet")
-    teacher.scheduler.save_pretrained(folder / "scheduler")
-    teacher.save_components(folder)
-    meta = {"timesteps": generator.timesteps, "num_classes": teacher.num_classes,
-            "sample_shape": list(teacher.sample_shape), "text_to_image": teacher.pipeline_class is not None}
-    (folder / GENERATOR_FILE).write_text(json.dumps(meta, indent=2))
+    with atomic_folder(folder) as tmp:  # a rerun's release never leaves old and new files mixed
+        unet = generator.denoiser.unet
+        if has_lora(unet):
+            save_lora(unet, tmp, teacher.pipeline_class)
+            unet = fused_copy(unet)
+        unet.save_pretrained(tmp / "unet")
+        teacher.scheduler.save_pretrained(tmp / "scheduler")
+        teacher.save_components(tmp)
+        meta = {"timesteps": generator.timesteps, "num_classes": teacher.num_classes,
+                "sample_shape": list(teacher.sample_shape), "text_to_image": teacher.pipeline_class is not None}
+        (tmp / GENERATOR_FILE).write_text(json.dumps(meta, indent=2))
     return folder
 
 

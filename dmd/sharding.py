@@ -17,7 +17,6 @@ the generator from rank 0 into an ordinary module made by :func:`meta_copy`.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dmd.callbacks.checkpoint import previous_save
+from dmd.files import replace_folder
 
 # diffusers' residual and transformer blocks: the units whose weights are gathered together.
 UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock")
@@ -55,11 +55,7 @@ class FullyShardedStrategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier()  # every rank's shard is written
         if self.global_rank == 0:
-            _remove(old)
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
+            replace_folder(tmp, path, old)
         self.barrier()
 
 

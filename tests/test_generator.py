@@ -64,3 +64,31 @@ def test_bad_timesteps_are_refused():
 
     with pytest.raises(ValueError, match="decreasing"):
         Generator(MLPDenoiser(_sched()), [249, 999])
+
+
+def test_a_failed_release_leaves_the_previous_generator_whole(tmp_path, monkeypatch):
+    import pytest
+    from conftest import ROOT
+
+    from dmd.generator import load_generator, save_generator
+    from dmd.teachers import load_teacher
+
+    teacher = load_teacher(str(ROOT / "experiments/checkpoints/gmm8_mlp"))
+    folder = save_generator(Generator(teacher.denoiser, (999,)), teacher, tmp_path / "generator")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with torch.no_grad():
+        for p in teacher.denoiser.parameters():
+            p.add_(1.0)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(teacher.scheduler), "save_pretrained", disk_full)  # after the new weights
+    with pytest.raises(OSError, match="No space left"):
+        save_generator(Generator(teacher.denoiser, (999,)), teacher, folder)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generator"]  # no temporary left
+    monkeypatch.undo()
+    save_generator(Generator(teacher.denoiser, (250,)), teacher, folder)
+    generator, _ = load_generator(folder)
+    assert generator.timesteps == [250] and not (tmp_path / "generator.old").exists()
