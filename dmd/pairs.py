@@ -10,10 +10,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dmd.regression_pairs import pairs_for_config
+from dmd.validation import validate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "train")
     pairs_for_config(cfg, instantiate(cfg.teacher))
 
 
