@@ -15,13 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from dmd.conditioning import map_condition
-from dmd.schedule import VPSchedule
+from dmd.schedule import FlowSchedule, VPSchedule
+
+Schedule = VPSchedule | FlowSchedule
 
 
 class Denoiser(nn.Module):
     """x0-predictor D(x_t, t, cond) around a network with a given ``prediction_type``."""
 
-    def __init__(self, schedule: VPSchedule, prediction_type: str):
+    def __init__(self, schedule: Schedule, prediction_type: str):
         super().__init__()
         self.schedule = schedule
         self.prediction_type = prediction_type
@@ -50,7 +52,7 @@ class DiffusersUNetDenoiser(Denoiser):
     (``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``).
     """
 
-    def __init__(self, unet: nn.Module, schedule: VPSchedule, prediction_type: str):
+    def __init__(self, unet: nn.Module, schedule: Schedule, prediction_type: str):
         super().__init__(schedule, prediction_type)
         self.unet = unet
 
@@ -62,12 +64,13 @@ class DiffusersUNetDenoiser(Denoiser):
         return self._call(x_t, t, cond)
 
     def _call(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        t = self.schedule.model_time(t)  # VP: the integer timestep; flow: diffusers' sigma * T
         if isinstance(cond, dict):
             return self.unet(x_t, t, **cond).sample
         return self.unet(x_t, t, class_labels=cond).sample
 
 
-def MLPDenoiser(schedule: VPSchedule, prediction_type: str = "v_prediction", dim: int = 2,
+def MLPDenoiser(schedule: Schedule, prediction_type: str = "v_prediction", dim: int = 2,
                 hidden: int = 256, depth: int = 4, time_embed_dim: int = 64,
                 num_classes: int = 0) -> DiffusersUNetDenoiser:
     """A small time- (and optionally class-) conditioned :class:`~dmd.networks.MLPNet` for 2-D data."""
@@ -78,7 +81,8 @@ def MLPDenoiser(schedule: VPSchedule, prediction_type: str = "v_prediction", dim
 
 
 class GaussianMixtureDenoiser(Denoiser):
-    """Exact posterior mean E[x0 | x_t] of an isotropic Gaussian mixture under a VP schedule.
+    """Exact posterior mean E[x0 | x_t] of an isotropic Gaussian mixture under any schedule
+    x_t = alpha x0 + sigma eps (VP or flow matching).
 
     For component k (weight w_k, mean mu_k, std s_k): x_t | k ~ N(alpha mu_k, v_k I) with
     v_k = alpha^2 s_k^2 + sigma^2, and E[x0 | x_t, k] = mu_k + alpha s_k^2 / v_k (x_t - alpha mu_k).
@@ -86,7 +90,7 @@ class GaussianMixtureDenoiser(Denoiser):
     score of the 2-D experiments (Tweedie: E[x0|x_t] = (x_t + sigma^2 grad log p_t(x_t)) / alpha).
     """
 
-    def __init__(self, schedule: VPSchedule, means, stds, weights=None):
+    def __init__(self, schedule: Schedule, means, stds, weights=None):
         super().__init__(schedule, "sample")
         means = torch.as_tensor(means, dtype=torch.float64)
         stds = torch.as_tensor(stds, dtype=torch.float64).expand(means.shape[0])

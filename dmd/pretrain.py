@@ -23,7 +23,7 @@ from dmd.diffusion_module import DiffusionModule
 from dmd.draw import sample_teacher
 from dmd.rundir import claim_run_dir
 from dmd.runs import build_trainer, require, resolve_ckpt_path
-from dmd.schedule import VPSchedule
+from dmd.schedule import prediction_type_of, schedule_from_diffusers
 from dmd.teachers import load_teacher
 from dmd.validation import validate
 from dmd.visualize import save_sample_grid
@@ -54,8 +54,7 @@ def _pretrain(cfg: DictConfig, out_dir: Path) -> Path:
             f"network.num_class_embeds must be {expected} for this data ({num_classes} classes"
             f"{' + the null class for classifier-free guidance' if num_classes else ''}), "
             f"got {net.config.num_class_embeds}.")
-    denoiser = DiffusersUNetDenoiser(net, VPSchedule.from_diffusers(scheduler),
-                                     scheduler.config.prediction_type)
+    denoiser = DiffusersUNetDenoiser(net, schedule_from_diffusers(scheduler), prediction_type_of(scheduler))
     module = DiffusionModule(denoiser, num_classes, cfg.label_dropout, cfg.lr, cfg.weight_decay,
                              cfg.warmup_steps, cfg.ema_decay, cfg.grad_clip)
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,

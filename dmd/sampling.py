@@ -1,8 +1,8 @@
 """Teacher samplers: the probability-flow ODE solved on the teacher's discrete timesteps.
 
-Written in the variance-exploding coordinates of Karras et al. (EDM): y = x / alpha,
-s = sigma / alpha, in which the ODE is dy/ds = (y - D(x)) / s with D the (guided) x0
-prediction. First order (Euler) in these coordinates *is* DDIM (eta = 0); second order is
+Written in coordinates where the ODE is dy/ds = (y - D(x)) / s with D the (guided) x0
+prediction: for VP schedules the variance-exploding ones of Karras et al. (EDM), y = x / alpha,
+s = sigma / alpha; for flow matching x itself over s = sigma (the velocity eps - x0). First order (Euler) in these coordinates *is* DDIM (eta = 0); second order is
 EDM's Heun step (Algorithm 1), with a plain Euler step into s = 0. Samplers are plain
 functions, as in k-diffusion.
 """
@@ -46,19 +46,18 @@ def sample_ode(
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         return guided_x0(denoiser, x, tt, cond, uncond, guidance_scale).to(torch.float64)
 
-    def alpha_sigma(t):
-        return schedule.alpha_sigma(torch.tensor([t]), noise)
+    def coordinates(t):  # y = x / c at ODE time s (VP: c = alpha, s = sigma / alpha; flow: 1, sigma)
+        return schedule.ode_coordinates(torch.tensor([t]), noise)
 
     for i, t in enumerate(tqdm(ts, desc="sampling", disable=not progress, leave=False)):
-        a, s = alpha_sigma(t)
-        y, sv = x.to(torch.float64) / a, s / a
+        a, sv = coordinates(t)
+        y = x.to(torch.float64) / a
         d = x0_at(x, t)
         if i + 1 == len(ts):
             x = d  # last step lands on s = 0, where y = D
             break
         t_next = ts[i + 1]
-        a_n, s_n = alpha_sigma(t_next)
-        sv_n = s_n / a_n
+        a_n, sv_n = coordinates(t_next)
         slope = (y - d) / sv
         y_next = y + (sv_n - sv) * slope
         if order == 2:

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from dmd.denoisers import Denoiser, DiffusersUNetDenoiser, GaussianMixtureDenoiser
-from dmd.schedule import VPSchedule
+from dmd.schedule import load_scheduler, prediction_type_of, schedule_from_diffusers
 
 
 @dataclass
@@ -128,7 +128,6 @@ def require_finite_weights(net: torch.nn.Module, where) -> None:
 def load_teacher(path: str, subfolder_unet: str = "unet",
                  subfolder_scheduler: str = "scheduler") -> Teacher:
     """Load a (class-conditional) ``UNet2DModel`` or ``MLPNet`` teacher and its scheduler, frozen."""
-    from diffusers import DDPMScheduler
 
     local = Path(path).expanduser()
     if (local.is_absolute() or str(path).startswith(".")) and not local.is_dir():
@@ -138,7 +137,7 @@ def load_teacher(path: str, subfolder_unet: str = "unet",
         )
     try:
         net = _network_class(str(path), subfolder_unet).from_pretrained(str(path), subfolder=subfolder_unet)
-        scheduler = DDPMScheduler.from_pretrained(str(path), subfolder=subfolder_scheduler)
+        scheduler = load_scheduler(str(path), subfolder_scheduler)
     except (OSError, ValueError) as err:
         _name_damaged_weights(local / subfolder_unet, err)
         raise OSError(
@@ -147,8 +146,8 @@ def load_teacher(path: str, subfolder_unet: str = "unet",
             f"and '{subfolder_scheduler}/scheduler_config.json'."
         ) from err
     require_finite_weights(net, Path(path) / subfolder_unet)
-    denoiser = DiffusersUNetDenoiser(_freeze(net), VPSchedule.from_diffusers(scheduler),
-                                     scheduler.config.prediction_type)
+    denoiser = DiffusersUNetDenoiser(_freeze(net), schedule_from_diffusers(scheduler),
+                                     prediction_type_of(scheduler))
     num_embeds = net.config.num_class_embeds or 0
     size = net.config.sample_size
     shape = (size,) if not hasattr(net.config, "in_channels") else (net.config.in_channels, size, size)
@@ -158,6 +157,6 @@ def load_teacher(path: str, subfolder_unet: str = "unet",
 
 def gaussian_mixture_teacher(mixture, scheduler) -> Teacher:
     """The analytic (exact) denoiser of a 2-D mixture, as an unconditional teacher."""
-    schedule = VPSchedule.from_diffusers(scheduler)
+    schedule = schedule_from_diffusers(scheduler)
     denoiser = GaussianMixtureDenoiser(schedule, mixture.means, mixture.stds, mixture.weights)
     return Teacher(_freeze(denoiser), (mixture.means.shape[1],), 0, scheduler)

@@ -78,8 +78,7 @@ def student_init(teacher: Teacher, init: str | None) -> Teacher:
             f"{teacher.sample_shape}.")
     require(source.num_classes == teacher.num_classes,
             f"init={init} has {source.num_classes} classes, the teacher {teacher.num_classes}.")
-    a, b = source.denoiser.schedule.alphas_cumprod, teacher.denoiser.schedule.alphas_cumprod
-    require(a.shape == b.shape and torch.allclose(a, b),
+    require(source.denoiser.schedule.same_as(teacher.denoiser.schedule),
             f"init={init} was trained with a different noise schedule than the teacher.")
     return source
 

@@ -121,9 +121,8 @@ class TeacherReference:
         from dmd.teachers import weights_digest
 
         d = teacher.denoiser
-        schedule = hashlib.sha256(d.schedule.alphas_cumprod.detach().cpu().double().numpy().tobytes())
         prov = {"kind": self.kind, "teacher_weights_sha256": weights_digest(d),
-                "schedule_sha256": schedule.hexdigest(),
+                "schedule_sha256": d.schedule.digest(),
                 "prediction_type": getattr(d, "prediction_type", None),
                 "num_classes": teacher.num_classes, "sampler": self.sampler, "steps": self.steps,
                 "guidance_scale": self.guidance_scale, "spacing": self.spacing,

@@ -1,0 +1,107 @@
+"""Flow-matching schedules (rectified flow, SD3/Flux): diffusers' tables, the conversions, the
+exact mixture teacher and the samplers under x_t = (1 - sigma) x0 + sigma eps."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+from dmd.data import GaussianMixture
+from dmd.denoisers import GaussianMixtureDenoiser
+from dmd.sampling import sample
+from dmd.schedule import (
+    FlowSchedule,
+    VPSchedule,
+    prediction_type_of,
+    sampling_timesteps,
+    schedule_from_diffusers,
+)
+from dmd.teachers import gaussian_mixture_teacher
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_the_table_is_diffusers_flow_match_euler(shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    schedule = schedule_from_diffusers(scheduler)
+    assert isinstance(schedule, FlowSchedule) and prediction_type_of(scheduler) == "flow_prediction"
+    # Our index t runs from data (0) to noise (T-1); diffusers' tables run the other way.
+    assert torch.equal(schedule.sigmas.float(), scheduler.sigmas.flip(0))
+    t = torch.tensor([0, 10, 500, 999])
+    assert torch.equal(schedule.model_time(t), scheduler.timesteps.flip(0)[t])
+    x0, eps = torch.randn(4, 3), torch.randn(4, 3)
+    ours = schedule.add_noise(x0, eps, t)
+    theirs = torch.stack([scheduler.scale_noise(x0[i:i + 1], scheduler.timesteps.flip(0)[t[i]:t[i] + 1], eps[i:i + 1])[0]
+                          for i in range(4)])
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    a, s = schedule.alpha_sigma(t, x0)
+    assert torch.allclose(a + s, torch.ones_like(a)) and s[-1].item() == 1.0  # pure noise at T-1
+    assert isinstance(schedule_from_diffusers(DDPMScheduler()), VPSchedule)
+
+
+@pytest.mark.parametrize("ptype", ["flow_prediction", "epsilon", "sample"])
+def test_flow_conversions_invert(ptype):
+    schedule = FlowSchedule(shift=3.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 2, generator=g).double(), torch.randn(64, 2, generator=g).double()
+    t = torch.randint(0, 999, (64,), generator=g)  # below T-1, where alpha = 0 (epsilon cannot give x0)
+    x_t = schedule.add_noise(x0, eps, t)
+    target = schedule.target(x0, eps, t, ptype)
+    assert torch.allclose(schedule.to_x0(target, x_t, t, ptype), x0, atol=1e-8)
+    pred = torch.randn(64, 2, dtype=torch.float64, generator=g)
+    assert torch.allclose(schedule.from_x0(schedule.to_x0(pred, x_t, t, ptype), x_t, t, ptype), pred, atol=1e-6)
+    if ptype == "flow_prediction":  # the velocity of the straight path
+        assert torch.allclose(target, eps - x0)
+
+
+def test_v_prediction_is_refused_for_a_flow_schedule():
+    with pytest.raises(ValueError, match="Unknown prediction_type 'v_prediction' for this schedule"):
+        FlowSchedule().to_x0(torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([1, 2]), "v_prediction")
+
+
+def test_the_exact_mixture_denoiser_is_tweedie_under_flow_matching():
+    mix = GaussianMixture.ring()
+    den = GaussianMixtureDenoiser(FlowSchedule(shift=3.0), mix.means, mix.stds, mix.weights)
+    x = torch.randn(16, 2, dtype=torch.float64) * 2
+    for t_val in (0, 100, 500, 900, 998):
+        t = torch.full((16,), t_val)
+        xg = x.clone().requires_grad_(True)
+        (score,) = torch.autograd.grad(den.log_prob(xg, t).sum(), xg)
+        a, s = den.schedule.alpha_sigma(t, x)
+        assert torch.allclose(den(x, t), (x + s**2 * score) / a, atol=1e-8), t_val
+    mean = (mix.weights.double() / mix.weights.sum()) @ mix.means.double()
+    assert torch.allclose(den(x, torch.full((16,), 999)), mean.expand(16, 2), atol=1e-8)  # pure noise: the mean
+
+
+def test_an_euler_step_is_diffusers_flow_match_euler_step():
+    """One step of our first-order sampler = diffusers' FlowMatchEulerDiscreteScheduler.step."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    teacher = gaussian_mixture_teacher(GaussianMixture.ring(), scheduler)
+    schedule, den = teacher.denoiser.schedule, teacher.denoiser
+    x = torch.randn(8, 2, dtype=torch.float64)
+    t, t_next = 700, 300
+    d = den(x, torch.full((8,), t))
+    a, s = schedule.alpha_sigma(torch.tensor([t]), x)
+    velocity = schedule.from_x0(d, x, torch.full((8,), t), "flow_prediction")
+    ours = x + (schedule.sigmas[t_next] - schedule.sigmas[t]) * velocity
+    stepper = FlowMatchEulerDiscreteScheduler(shift=1.0)  # set_timesteps would shift given sigmas again
+    stepper.set_timesteps(sigmas=[schedule.sigmas[t].item(), schedule.sigmas[t_next].item()])
+    theirs = stepper.step(velocity, stepper.timesteps[0], x).prev_sample
+    assert torch.allclose(ours, theirs.double(), atol=1e-5)
+    # ... and our sampler's Euler update in its ODE coordinates is that same step.
+    c, tau = schedule.ode_coordinates(torch.tensor([t]), x)
+    c_n, tau_n = schedule.ode_coordinates(torch.tensor([t_next]), x)
+    y = x / c
+    assert torch.allclose(c_n * (y + (tau_n - tau) * (y - d) / tau), ours, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,steps,spacing", [("euler", 100, "linspace"), ("heun", 25, "karras")])
+def test_ode_samplers_reproduce_the_mixture_under_flow_matching(name, steps, spacing):
+    mix = GaussianMixture.ring()
+    teacher = gaussian_mixture_teacher(mix, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    noise = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
+    x = sample(teacher.denoiser, noise, name=name, steps=steps, spacing=spacing)
+    d = torch.cdist(x.double(), mix.means.double())
+    share = torch.bincount(d.argmin(1), minlength=8).double() / 4000
+    assert share.min() > 0.09 and share.max() < 0.16
+    assert d.min(1).values.median().item() < 0.2  # the modes' own: 0.118
+    ts = sampling_timesteps(steps, teacher.denoiser.schedule, spacing)
+    assert ts[0] == 999 and ts[-1] == 0
