@@ -105,3 +105,18 @@ def test_ode_samplers_reproduce_the_mixture_under_flow_matching(name, steps, spa
     assert d.min(1).values.median().item() < 0.2  # the modes' own: 0.118
     ts = sampling_timesteps(steps, teacher.denoiser.schedule, spacing)
     assert ts[0] == 999 and ts[-1] == 0
+
+
+def test_the_bundled_flow_teacher_loads_as_flow_and_samples_the_mixture():
+    from conftest import ROOT
+
+    from dmd.draw import sample_teacher
+    from dmd.teachers import load_teacher
+
+    teacher = load_teacher(str(ROOT / "experiments/checkpoints/gmm8_flow_mlp"))
+    assert isinstance(teacher.denoiser.schedule, FlowSchedule) and teacher.denoiser.prediction_type == "flow_prediction"
+    x, _ = sample_teacher(teacher, 4000, "heun", 25, 1.0, seed=0, progress=False)
+    mix = GaussianMixture.ring()
+    d = torch.cdist(x.double(), mix.means.double())
+    share = torch.bincount(d.argmin(1), minlength=8).double() / 4000
+    assert share.min() > 0.09 and share.max() < 0.16 and d.min(1).values.median().item() < 0.2

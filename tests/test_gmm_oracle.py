@@ -1,4 +1,5 @@
-"""Acceptance on the analytic mixture: the gmm_dmd2 preset's one-step student matches gmm8."""
+"""Acceptance on the analytic mixture: the one-step students of gmm_dmd2 (VP teacher) and
+gmm_flow_dmd2 (flow-matching teacher) match gmm8."""
 
 import json
 
@@ -18,9 +19,10 @@ def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
 
 
 @pytest.mark.slow
-def test_gmm_dmd2_one_step_student_covers_every_mode_sharply(cli, tmp_path):
-    run = tmp_path / "gmm_dmd2"
-    cli("dmd.train", "experiment=gmm_dmd2", "logger=none", "trainer.enable_progress_bar=false",
+@pytest.mark.parametrize("preset", ["gmm_dmd2", "gmm_flow_dmd2"])  # VP and flow-matching teachers
+def test_gmm_dmd2_one_step_student_covers_every_mode_sharply(cli, tmp_path, preset):
+    run = tmp_path / preset
+    cli("dmd.train", f"experiment={preset}", "logger=none", "trainer.enable_progress_bar=false",
         "eval.num_samples=1000", f"hydra.run.dir={run}", timeout=1200)
     generator, info = load_generator(run)
     assert generator.num_steps == 1
