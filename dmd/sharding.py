@@ -29,7 +29,8 @@ from dmd.callbacks.checkpoint import previous_save
 from dmd.files import replace_folder
 
 # diffusers' residual and transformer blocks: the units whose weights are gathered together.
-UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock")
+UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "JointTransformerBlock",  # UNets, SD3's MMDiT
+                "FluxTransformerBlock", "FluxSingleTransformerBlock")  # Flux
 
 
 class FullyShardedStrategy(ModelParallelStrategy):

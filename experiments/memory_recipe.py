@@ -1,10 +1,11 @@
-"""Per-GPU memory of DMD2 on Stable Diffusion 1.5 / XL: the static part (weights, gradients,
-optimizer states) from exact parameter counts, for full fine-tuning or LoRA, DDP or FSDP.
+"""Per-GPU memory of DMD2 on Stable Diffusion 1.5 / XL / 3-medium and Flux-dev: the static part
+(weights, gradients, optimizer states) from exact parameter counts, for full fine-tuning or
+LoRA, DDP or FSDP.
 
     python experiments/memory_recipe.py [--gpus 8] [--lora-rank 64] [--out experiments/results/memory_recipe.md]
 
-The UNets and VAE are built on the meta device from the published configs (no weights, no
-download), so the parameter counts are exact. Three networks are resident during training:
+The UNets, transformers (SD3's MMDiT, Flux's) and VAEs are built on the meta device from the
+published configs (no weights, no download), so the parameter counts are exact. Three networks are resident during training:
 the frozen teacher (real score), the generator and the fake score (+ DMD2's small GAN head);
 text encoders are not (embeddings are cached), the VAE only to decode evaluation samples.
 Bytes per parameter (this implementation):
@@ -48,16 +49,29 @@ UNETS = {
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816),
 }
+# Flow-matching teachers (issue 16): the published transformer configs of
+# stabilityai/stable-diffusion-3-medium-diffusers and black-forest-labs/FLUX.1-dev.
+TRANSFORMERS = {
+    "SD3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)),
+    "Flux-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+        guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+}
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
            up_block_types=("UpDecoderBlock2D",) * 4)
+VAE16 = {**VAE, "latent_channels": 16}  # SD3's and Flux's VAE
 GIB = 1024 ** 3
 
 
-def parameter_counts(unet_config: dict, lora_rank: int) -> tuple[int, int, int]:
-    """(UNet parameters, LoRA adapter parameters at ``lora_rank``, parameters of the largest
+def parameter_counts(unet_config: dict, lora_rank: int, cls: str = "UNet2DConditionModel") -> tuple[int, int, int]:
+    """(network parameters, LoRA adapter parameters at ``lora_rank``, parameters of the largest
     FSDP unit), counted on the meta device."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     from dmd.sharding import blocks
     from dmd.t2i.lora import add_lora
@@ -66,7 +80,7 @@ def parameter_counts(unet_config: dict, lora_rank: int) -> tuple[int, int, int]:
         return sum(p.numel() for p in module.parameters())
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
+        unet = getattr(diffusers, cls)(**unet_config)
         base = count(unet)
         units = [count(b) for b in blocks(unet)]
         add_lora(unet, lora_rank)
@@ -74,11 +88,11 @@ def parameter_counts(unet_config: dict, lora_rank: int) -> tuple[int, int, int]:
     return base, sum(p.numel() for p in unet.parameters() if p.requires_grad), max(units)
 
 
-def vae_parameters() -> int:
+def vae_parameters(config: dict = VAE) -> int:
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoencoderKL(**VAE).parameters())
+        return sum(p.numel() for p in AutoencoderKL(**config).parameters())
 
 
 def static_gib(base: int, lora: int, vae: int, unit: int, mode: str, shard: int, ema: bool) -> dict:
@@ -103,14 +117,16 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--out", default="experiments/results/memory_recipe.md")
     args = p.parse_args()
-    vae = vae_parameters()
     lines = ["| model | training | sharding | teacher | generator | fake score | gathered units | VAE (decoding) "
              "| total static GiB/GPU |", "|---|---|---|---|---|---|---|---|---|"]
     counts = []
-    for name, config in UNETS.items():
-        base, lora, unit = parameter_counts(config, args.lora_rank)
-        counts.append(f"{name} UNet {base / 1e6:.1f} M parameters, LoRA rank {args.lora_rank} "
-                      f"adapters {lora / 1e6:.1f} M, largest FSDP unit {unit / 1e6:.1f} M")
+    models = [(name, "UNet2DConditionModel", config, VAE) for name, config in UNETS.items()]
+    models += [(name, cls, config, VAE16) for name, (cls, config) in TRANSFORMERS.items()]
+    for name, cls, config, vae_config in models:
+        base, lora, unit = parameter_counts(config, args.lora_rank, cls)
+        vae = vae_parameters(vae_config)
+        counts.append(f"{name} {cls} {base / 1e6:.1f} M parameters, LoRA rank {args.lora_rank} "
+                      f"adapters {lora / 1e6:.1f} M, largest FSDP unit {unit / 1e6:.1f} M, VAE {vae / 1e6:.1f} M")
         for mode in ("full", f"LoRA r{args.lora_rank}"):
             for shard, label in ((1, "DDP"), (args.gpus, f"FSDP x{args.gpus}")):
                 g = static_gib(base, lora, vae, unit, "full" if mode == "full" else "lora", shard, ema=False)
@@ -118,9 +134,11 @@ def main() -> None:
                 lines.append(f"| {name} | {mode} | {label} | " + " | ".join(cells) + f" | {sum(g.values()):.1f} |")
     text = ("# Static memory per GPU, DMD2 (weights + gradients + AdamW states; activations not included)\n\n"
             f"Command: `python experiments/memory_recipe.py --gpus {args.gpus} --lora-rank {args.lora_rank}`\n\n"
-            + "\n".join(f"- {c}" for c in counts) + f"\n- VAE {vae / 1e6:.1f} M parameters\n\n"
+            + "\n".join(f"- {c}" for c in counts) + "\n\n"
             + "\n".join(lines) + "\n\nFull SDXL under DDP needs ~100 GiB before any activation: more than an "
-            "80 GB GPU, which is why DMD2 trains it with FSDP (or LoRA).\n\n" + __doc__.split("\n\n", 2)[2].strip() + "\n")
+            "80 GB GPU, which is why DMD2 trains it with FSDP (or LoRA). Flux-dev (11.9 B) needs FSDP even "
+            "with LoRA on 80 GB GPUs once activations are added, and full fine-tuning of both its students "
+            "leaves ~10 GiB per H100 for activations under FSDP x8.\n\n" + __doc__.split("\n\n", 2)[2].strip() + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
