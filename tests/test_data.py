@@ -105,7 +105,8 @@ class _Recorder:
         return Recorder()
 
 
-@pytest.mark.parametrize("stop", [3, 8, 16, 13])  # mid-epoch, at the end of epoch 1 and of epoch 2
+@pytest.mark.parametrize("stop", [pytest.param(3, marks=pytest.mark.slow), 16, pytest.param(8, marks=pytest.mark.slow),
+                                  pytest.param(13, marks=pytest.mark.slow)])  # at the end of epoch 2, mid-epoch...
 def test_a_resume_sees_the_batches_of_an_uninterrupted_run_also_at_an_epoch_boundary(tmp_path, stop):
     """The loader's saved position at the end of an epoch once made the resumed run skip the
     whole next epoch (Lightning loads the state, then sets the new epoch)."""

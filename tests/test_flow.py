@@ -93,6 +93,7 @@ def test_an_euler_step_is_diffusers_flow_match_euler_step():
     assert torch.allclose(c_n * (y + (tau_n - tau) * (y - d) / tau), ours, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,steps,spacing", [("euler", 100, "linspace"), ("heun", 25, "karras")])
 def test_ode_samplers_reproduce_the_mixture_under_flow_matching(name, steps, spacing):
     mix = GaussianMixture.ring()
@@ -107,6 +108,7 @@ def test_ode_samplers_reproduce_the_mixture_under_flow_matching(name, steps, spa
     assert ts[0] == 999 and ts[-1] == 0
 
 
+@pytest.mark.slow
 def test_the_bundled_flow_teacher_loads_as_flow_and_samples_the_mixture():
     from conftest import ROOT
 

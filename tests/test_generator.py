@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -66,8 +67,8 @@ def test_bad_timesteps_are_refused():
         Generator(MLPDenoiser(_sched()), [249, 999])
 
 
+@pytest.mark.slow
 def test_a_failed_release_leaves_the_previous_generator_whole(tmp_path, monkeypatch):
-    import pytest
     from conftest import ROOT
 
     from dmd.generator import load_generator, save_generator

@@ -58,6 +58,7 @@ def test_cadence_survives_resume_in_the_middle(tmp_path):
     assert resumed.generator_steps == math.ceil(14 / 3)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_networks_is_refused_in_one_sentence(tmp_path):
     trainer = _fit(_module(3), 3, tmp_path)
     trainer.save_checkpoint(tmp_path / "small.ckpt")

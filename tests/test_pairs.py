@@ -2,6 +2,7 @@
 
 import shutil
 
+import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -46,6 +47,7 @@ def test_each_pair_is_the_teachers_sample_for_its_own_noise_and_label():
         torch.testing.assert_close(pairs["images"][i:i + 1], alone)
 
 
+@pytest.mark.slow
 def test_a_truncated_pair_cache_is_recomputed(tmp_path):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=fmnist_dmd", f"paths.cache_dir={tmp_path}",

@@ -48,6 +48,7 @@ def _nan_copy(tmp_path):
     return folder, name
 
 
+@pytest.mark.slow
 def test_weights_with_nan_are_refused_before_sampling(cli, tmp_path):
     folder, name = _nan_copy(tmp_path)
     out = tmp_path / "x.npz"

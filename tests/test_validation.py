@@ -7,6 +7,9 @@ from hydra import compose, initialize_config_dir
 
 from dmd.validation import ConfigError, validate
 
+# Input checking, not the method: outside the fast tier (which stays within 4 minutes).
+pytestmark = pytest.mark.slow
+
 
 def _cfg(name, *overrides):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -104,7 +107,6 @@ def test_data_smaller_than_one_batch_is_refused():
         validate(_cfg("train", "experiment=gmm_dmd2", "data.num_samples=16", "data.batch_size=32"), "train")
 
 
-@pytest.mark.slow
 def test_a_training_that_runs_no_iteration_is_never_completed(cli, tmp_path):
     import json
 
