@@ -15,9 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd.conditioning import map_condition
-from dmd.schedule import FlowSchedule, VPSchedule
-
-Schedule = VPSchedule | FlowSchedule
+from dmd.schedule import Schedule
 
 
 class Denoiser(nn.Module):

@@ -35,7 +35,30 @@ def _check_prediction_type(prediction_type: str, allowed=PREDICTION_TYPES) -> No
         )
 
 
-class VPSchedule(nn.Module):
+def _at(table: Tensor, t, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """``table[t]`` (t a batch of integer timesteps, or one for the whole batch) in ``dtype``,
+    shaped to broadcast against ``like`` (B, ...)."""
+    t = torch.as_tensor(t, device=table.device).long()
+    if t.ndim == 0:
+        t = t.expand(like.shape[0])
+    return table[t].to(device=like.device, dtype=dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class Schedule(nn.Module):
+    """What every schedule shares: x_t = alpha_t x0 + sigma_t eps over ``alpha_sigma``."""
+
+    compute_dtype: torch.dtype
+
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Forward process q(x_t | x0): alpha_t * x0 + sigma_t * eps (returned in x0's dtype)."""
+        a, s = self.alpha_sigma(t, x0)
+        return (a * x0.to(a.dtype) + s * eps.to(a.dtype)).to(x0.dtype)
+
+
+class VPSchedule(Schedule):
     """alpha_t / sigma_t lookup tables plus add_noise and eps <-> v <-> x0 conversions."""
 
     def __init__(self, alphas_cumprod: Tensor, compute_dtype: torch.dtype = torch.float64):
@@ -60,17 +83,8 @@ class VPSchedule(nn.Module):
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """alpha_t, sigma_t in the compute dtype, shaped to broadcast against ``like`` (B, ...)."""
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
-        if t.ndim == 0:
-            t = t.expand(like.shape[0])
-        abar = self.alphas_cumprod[t].to(device=like.device, dtype=self.compute_dtype)
-        abar = abar.reshape(-1, *([1] * (like.ndim - 1)))
+        abar = _at(self.alphas_cumprod, t, like, self.compute_dtype)
         return abar.sqrt(), (1.0 - abar).sqrt()
-
-    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """Forward process q(x_t | x0): alpha_t * x0 + sigma_t * eps (returned in x0's dtype)."""
-        a, s = self.alpha_sigma(t, x0)
-        return (a * x0.to(a.dtype) + s * eps.to(a.dtype)).to(x0.dtype)
 
     def to_x0(self, output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str) -> Tensor:
         """Convert a network output of the given parameterisation into an x0 prediction."""
@@ -137,7 +151,7 @@ class VPSchedule(nn.Module):
                 and torch.allclose(other.alphas_cumprod.cpu(), self.alphas_cumprod.cpu()))
 
 
-class FlowSchedule(nn.Module):
+class FlowSchedule(Schedule):
     """Rectified-flow schedule: x_t = (1 - sigma_t) x0 + sigma_t eps on T discrete timesteps,
     sigma_t = shift(s) = shift * s / (1 + (shift - 1) * s) with s = (t + 1) / T, exactly the
     table of diffusers' ``FlowMatchEulerDiscreteScheduler`` (its index T-1-t; t = T-1 is pure
@@ -167,15 +181,8 @@ class FlowSchedule(nn.Module):
         return self.sigmas.shape[0]
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        t = torch.as_tensor(t, device=self.sigmas.device).long()
-        if t.ndim == 0:
-            t = t.expand(like.shape[0])
-        s = self.sigmas[t].to(device=like.device, dtype=self.compute_dtype).reshape(-1, *([1] * (like.ndim - 1)))
+        s = _at(self.sigmas, t, like, self.compute_dtype)
         return 1.0 - s, s
-
-    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        a, s = self.alpha_sigma(t, x0)
-        return (a * x0.to(a.dtype) + s * eps.to(a.dtype)).to(x0.dtype)
 
     def to_x0(self, output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str) -> Tensor:
         _check_prediction_type(prediction_type, FLOW_PREDICTION_TYPES)
