@@ -246,13 +246,15 @@ def write_report(results: list[dict], args, seconds: float, out: Path) -> None:
         detail.append(f"| {i} | {r['fault']} | {r['filesystem']} | {r['detail']} | {r['reruns']} | {r['resumed_from']} |")
     problems = [f"- trial {i}: {'; '.join(r['checkpoint_lost'] + r['record_wrong'])}" for i, r in enumerate(results)
                 if r["checkpoint_lost"] or r["record_wrong"]]
-    text = (f"`python experiments/fault_injection.py --trials {args.trials} --seed {args.seed}` "
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    text = (f"`python experiments/fault_injection.py --trials {args.trials} --seed {args.seed}` at commit {commit} "
             f"({seconds / 60:.0f} min on this machine; gmm_dmd2, {ITERATIONS} iterations, a checkpoint every {EVERY}).\n\n"
             + "\n".join(lines) + "\n\n" + ("\n".join(problems) if problems else "No checkpoint lost, no record wrong.")
             + "\n\n" + "\n".join(detail) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "fault_injection.md").write_text(text)
-    (out / "fault_injection.json").write_text(json.dumps({"trials": results, "seconds": round(seconds),
+    (out / "fault_injection.json").write_text(json.dumps({"trials": results, "seconds": round(seconds), "commit": commit,
                                                           "command": f"python experiments/fault_injection.py --trials {args.trials} --seed {args.seed}"},
                                                          indent=2))
     print(text)
