@@ -130,6 +130,9 @@ def test_ckpt_path_last_falls_back_to_the_previous_sharded_save(tmp_path):
     assert resolve_ckpt_path("last", tmp_path) is None  # nothing saved yet: a fresh start
     ckpts = tmp_path / "checkpoints"
     (ckpts / "last.ckpt.old").mkdir(parents=True)  # stopped between moving it aside and the swap
+    (ckpts / "last.ckpt.old" / "meta.pt").write_bytes(b"")  # Lightning writes it last: a whole save
     assert resolve_ckpt_path("last", tmp_path) == str(ckpts / "last.ckpt.old")
-    (ckpts / "last.ckpt").mkdir()
+    (ckpts / "last.ckpt").mkdir()  # a shard folder without meta.pt: its save never finished
+    assert resolve_ckpt_path("last", tmp_path) == str(ckpts / "last.ckpt.old")
+    (ckpts / "last.ckpt" / "meta.pt").write_bytes(b"")
     assert resolve_ckpt_path("last", tmp_path) == str(ckpts / "last.ckpt")
