@@ -23,7 +23,7 @@ def test_energy_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
 def test_gmm_dmd2_one_step_student_covers_every_mode_sharply(cli, tmp_path, preset):
     run = tmp_path / preset
     cli("dmd.train", f"experiment={preset}", "logger=none", "trainer.enable_progress_bar=false",
-        "eval.num_samples=1000", f"hydra.run.dir={run}", timeout=1200)
+        "eval.num_samples=1000", f"hydra.run.dir={run}", timeout=2400)
     generator, info = load_generator(run)
     assert generator.num_steps == 1
     samples, _ = sample_generator(generator, info, 10_000, seed=123, progress=False)
