@@ -10,6 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dmd.validation import ConfigError
+
 if TYPE_CHECKING:  # Lightning takes seconds to import: commands that only sample never do
     import pytorch_lightning as pl
 
@@ -23,8 +25,6 @@ def run_dir() -> Path:
 
 def require(condition: bool, message: str) -> None:
     """Fail early on a bad config value with a message that names the key and the fix."""
-    from dmd.validation import ConfigError
-
     if not condition:
         raise ConfigError(f"Bad config: {message}")
 

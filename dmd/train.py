@@ -180,8 +180,8 @@ def has_trained_state(folder: Path) -> bool:
 
 def prepare(cfg: DictConfig) -> None:
     """Everything that can refuse the config, before the run dir is touched."""
+    validate(cfg, "train")  # first: set_training_length computes with values it has checked
     set_training_length(cfg)
-    validate(cfg, "train")
     check_training_signals(cfg)
 
 
