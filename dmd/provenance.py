@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.metadata
 import os
 import platform
@@ -48,6 +50,13 @@ def hardware() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def run_provenance() -> dict:
-    """{git: {commit, dirty}, packages: {...}, hardware: {...}}."""
+@functools.cache
+def _snapshot() -> dict:
     return {"git": git_state(), "packages": package_versions(), "hardware": hardware()}
+
+
+def run_provenance() -> dict:
+    """{git: {commit, dirty}, packages: {...}, hardware: {...}} of this process, read once: at its
+    first call (every entry point makes it when it claims its run dir, before any work), so that
+    a commit made while a long job runs is not recorded as the code that job ran."""
+    return copy.deepcopy(_snapshot())

@@ -32,6 +32,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from dmd.files import atomic_path
+from dmd.provenance import run_provenance
 from dmd.runs import job_overrides, run_dir
 
 log = logging.getLogger(__name__)
@@ -214,11 +215,12 @@ def claim_run_dir(cfg: DictConfig, task: str, resumable: bool = False, started=l
     In order: ``prepare(cfg)`` (validation; it may complete the config), refusal of a dir this
     command may not use (before the lock file is made: such a dir gets nothing), the lock, the
     same check under the lock, and the config records. ``resume`` is None for a fresh dir, else
-    ``{"time", "overrides", "changed": {key: [old, new]}}``; ``started(dir)`` says whether the dir
+    ``{"time", "overrides", "changed": {key: [old, new]}, "git"}``; ``started(dir)`` says whether the dir
     holds trained state (then only operational settings may change). ``on_error(dir, err)``
     records a failure (a refused config included, so that a sweep's bad job is reported) in the
     job's own dir, never in a dir this command was refused."""
     folder = run_dir()
+    provenance = run_provenance()  # the code this process runs, before a commit can move HEAD
     try:
         if prepare is not None:
             prepare(cfg)
@@ -241,7 +243,7 @@ def claim_run_dir(cfg: DictConfig, task: str, resumable: bool = False, started=l
         changes = check_reuse(folder, task, cfg, resumable, started(folder), compare=invalid is None)
         resume = None if changes is None else {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": job_overrides(),
-            "changed": changes}
+            "changed": changes, "git": provenance["git"]}  # which code ran from here on
         try:
             if invalid is not None:
                 raise invalid

@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
 
+from dmd import provenance
+from dmd.provenance import run_provenance
 from dmd.rundir import RunDirError, claim_run_dir, config_changes, refused_changes
 
 TRAINED = lambda folder: True  # noqa: E731 - the dir holds training progress
@@ -121,7 +123,21 @@ def test_a_resume_records_what_it_changed(tmp_path):
     assert resume["changed"]["optim.lr_generator"] == [pytest.approx(2e-4), 1e-4]
     assert resume["changed"]["eval.num_samples"] == [10000, 50]
     assert "optim.lr_generator=1e-4" in resume["overrides"]
+    assert resume["git"] == run_provenance()["git"]  # which code ran from the resume on
     assert OmegaConf.load(run / "config_resolved.yaml").max_iterations == 9000  # the latest settings
+
+
+def test_provenance_is_read_once_at_the_start_of_the_process(monkeypatch):
+    """A commit made while a long job runs is not recorded as the code that job ran."""
+    heads = iter(["a" * 40, "b" * 40])
+    monkeypatch.setattr(provenance, "git_state", lambda: {"commit": next(heads), "dirty": False})
+    provenance._snapshot.cache_clear()
+    try:
+        first = run_provenance()
+        first["git"]["commit"] = "changed by a caller"  # callers get copies
+        assert run_provenance()["git"]["commit"] == "a" * 40
+    finally:
+        provenance._snapshot.cache_clear()
 
 
 def test_a_dir_with_nothing_trained_takes_new_settings(tmp_path):
