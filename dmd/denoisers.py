@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd.conditioning import map_condition
+from dmd.losses import randn_like
 from dmd.schedule import Schedule
 
 
@@ -29,6 +30,11 @@ class Denoiser(nn.Module):
     def network_output(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """The raw network output (eps, v or x0, per ``prediction_type``)."""
         raise NotImplementedError
+
+    def noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fresh N(0, I) noise shaped like samples ``x`` (a multi-step generator's re-noising),
+        drawn in the layout the model's own pipeline draws it, so equal seeds give equal samples."""
+        return randn_like(x, generator)
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
         t = _as_batch_timesteps(t, x_t)

@@ -2,7 +2,8 @@
 
 Real and generated samples are noised to a random t, passed through the fake-score network,
 and the output of its bottleneck (``mid_block`` of a diffusers UNet, ``mid`` of
-:class:`~dmd.networks.MLPNet`) is read with a forward hook. The head turns those features into
+:class:`~dmd.networks.MLPNet`, the image tokens after the middle joint block of an SD3 or Flux
+transformer) is read with a forward hook. The head turns those features into
 one logit per sample. The discriminator step trains the head *and* the fake network's layers
 up to the bottleneck (its encoder); the generator's GAN loss backpropagates through both into
 the generated sample.
@@ -17,23 +18,32 @@ from dmd.losses import randn_like, sample_timesteps
 
 
 def bottleneck_module(network: nn.Module) -> nn.Module:
-    """The module whose output is the bottleneck: ``mid_block`` (UNets) or ``mid`` (MLPNet)."""
+    """The module whose output is the bottleneck: ``mid_block`` (UNets), ``mid`` (MLPNet), or
+    the middle of ``transformer_blocks`` (SD3's and Flux's joint text-image blocks; the first of
+    two, so that it is never SD3's last block, which drops the text stream)."""
     for name in ("mid_block", "mid"):
         module = getattr(network, name, None)
         if module is not None:
             return module
-    raise ValueError(f"{type(network).__name__} has no mid_block/mid: cannot attach a GAN head.")
+    blocks = getattr(network, "transformer_blocks", None)
+    if blocks:
+        return blocks[(len(blocks) - 1) // 2]
+    raise ValueError(f"{type(network).__name__} has no mid_block/mid/transformer_blocks: cannot attach a GAN head.")
 
 
 def bottleneck_channels(network: nn.Module) -> int:
     """Feature width at the bottleneck, read from the network's config."""
     cfg = network.config
-    return cfg.block_out_channels[-1] if hasattr(cfg, "block_out_channels") else cfg.hidden
+    if hasattr(cfg, "block_out_channels"):
+        return cfg.block_out_channels[-1]
+    if hasattr(cfg, "num_attention_heads"):  # diffusion transformers: the token width
+        return cfg.num_attention_heads * cfg.attention_head_dim
+    return cfg.hidden
 
 
 class DiscriminatorHead(nn.Module):
     """Bottleneck features -> one logit: conv layers and global pooling for feature maps
-    (B, C, H, W), an MLP for vectors (B, C)."""
+    (B, C, H, W), an MLP for vectors (B, C) and for the mean of image tokens (B, N, C)."""
 
     def __init__(self, channels: int, spatial: bool = True, groups: int = 16):
         super().__init__()
@@ -54,6 +64,8 @@ class DiscriminatorHead(nn.Module):
         return cls(bottleneck_channels(network), spatial=hasattr(network.config, "block_out_channels"))
 
     def forward(self, features: Tensor) -> Tensor:
+        if features.ndim == 3:  # transformer tokens: pooled like the conv head's global average
+            features = features.mean(dim=1)
         return self.net(features.float()).squeeze(-1)
 
 
@@ -66,7 +78,8 @@ class _Bottleneck(Exception):
 
 
 def _stop_at_bottleneck(module, args, output):
-    raise _Bottleneck(output[0] if isinstance(output, tuple) else output)
+    # Joint transformer blocks answer (text tokens, image tokens): the image stream is last.
+    raise _Bottleneck(output[-1] if isinstance(output, tuple) else output)
 
 
 def bottleneck_features(denoiser, x_t: Tensor, t: Tensor, cond) -> Tensor:

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from dmd.files import atomic_folder
-from dmd.losses import randn_like
 
 
 class Generator(nn.Module):
@@ -38,7 +37,7 @@ class Generator(nn.Module):
 
     def renoise(self, x0: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """Input of step k from the previous x0: forward-noise it to timesteps[k]."""
-        eps = randn_like(x0, generator)  # drawn on the generator's device: same stream on CPU/GPU
+        eps = self.denoiser.noise_like(x0, generator)  # on the generator's device: same stream on CPU/GPU
         t = torch.full((x0.shape[0],), self.timesteps[k], device=x0.device, dtype=torch.long)
         return self.denoiser.schedule.add_noise(x0, eps, t)
 
@@ -74,25 +73,62 @@ GENERATOR_FILE = "generator.json"
 
 
 def save_generator(generator: Generator, teacher, folder: str | Path) -> Path:
-    """Write a distilled generator as a diffusers folder (``unet/``, ``scheduler/``; a text-to-image
-    teacher's other pipeline parts too, so the folder loads as a pipeline) plus ``generator.json``
-    (its timesteps and what samples look like). A LoRA generator is saved fused, and its
-    adapters beside it in diffusers' LoRA format (:mod:`dmd.t2i.lora`)."""
+    """Write a distilled generator as a diffusers folder (the network's ``unet/`` or
+    ``transformer/``, ``scheduler/``; a text-to-image teacher's other pipeline parts too, so the
+    folder loads as a pipeline) plus ``generator.json`` (its timesteps, what samples look like
+    and, for flow-matching generators, the ``sigmas`` and ``guidance_scale`` to give the
+    pipeline). A LoRA generator is saved fused, and its adapters beside it in diffusers' LoRA
+    format (:mod:`dmd.t2i.lora`)."""
     from dmd.t2i.lora import fused_copy, has_lora, save_lora
 
     folder = Path(folder)
     with atomic_folder(folder) as tmp:  # a rerun's release never leaves old and new files mixed
         unet = generator.denoiser.unet
         if has_lora(unet):
-            save_lora(unet, tmp, teacher.pipeline_class)
+            save_lora(unet, tmp, teacher.pipeline_class, teacher.network_subfolder)
             unet = fused_copy(unet)
-        unet.save_pretrained(tmp / "unet")
-        teacher.scheduler.save_pretrained(tmp / "scheduler")
+        unet.save_pretrained(tmp / teacher.network_subfolder)
+        released_scheduler(teacher.scheduler).save_pretrained(tmp / "scheduler")
         teacher.save_components(tmp)
         meta = {"timesteps": generator.timesteps, "num_classes": teacher.num_classes,
                 "sample_shape": list(teacher.sample_shape), "text_to_image": teacher.pipeline_class is not None}
+        if meta["text_to_image"]:  # the size it was trained at (Flux networks do not record one)
+            meta["image_size"] = teacher.image_shape[-1]
+        if getattr(generator.denoiser, "guidance", None) is not None:
+            meta["guidance"] = generator.denoiser.guidance
+        if is_flow_scheduler(teacher.scheduler):
+            meta.update(pipeline_call(generator))
         (tmp / GENERATOR_FILE).write_text(json.dumps(meta, indent=2))
     return folder
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    return "FlowMatch" in type(scheduler).__name__
+
+
+def released_scheduler(scheduler):
+    """The scheduler saved with a generator. A flow-matching one samples the generator as dmd
+    does: ``stochastic_sampling`` (each step's x0 re-noised with fresh noise, DMD2's multi-step
+    sampling; one step is the same either way), and a fixed shift (a resolution-dependent one,
+    Flux's, becomes the unshifted table the generator's timesteps are counted on), so that the
+    ``sigmas`` in generator.json reach the network unchanged."""
+    if not is_flow_scheduler(scheduler):
+        return scheduler
+    config = dict(scheduler.config, stochastic_sampling=True)
+    if config.get("use_dynamic_shifting"):
+        config.update(use_dynamic_shifting=False, shift=1.0)
+    return type(scheduler).from_config(config)
+
+
+def pipeline_call(generator: Generator) -> dict:
+    """The arguments of a stock diffusers pipeline call that samples this flow generator:
+    ``sigmas`` (before the scheduler's fixed shift: (t + 1) / T for each timestep t; the shifted
+    values are the generator's), no CFG (``guidance_scale`` 1, or Flux's embedded guidance)."""
+    T = generator.denoiser.schedule.num_train_timesteps
+    guidance = getattr(generator.denoiser, "guidance", None)
+    return {"pipeline_call": {"num_inference_steps": generator.num_steps,
+                              "sigmas": [(t + 1) / T for t in generator.timesteps],
+                              "guidance_scale": 1.0 if guidance is None else guidance}}
 
 
 def load_generator(path: str | Path):
@@ -115,7 +151,8 @@ def load_generator(path: str | Path):
     if meta.get("text_to_image"):
         from dmd.t2i.teacher import load_text_to_image_teacher
 
-        info = load_text_to_image_teacher(str(folder))
+        kwargs = {k: meta[k] for k in ("guidance", "image_size") if meta.get(k) is not None}
+        info = load_text_to_image_teacher(str(folder), **kwargs)  # guidance: a distilled Flux's input
     else:
         info = load_teacher(str(folder))
     return Generator(info.denoiser, meta["timesteps"]), info

@@ -33,6 +33,7 @@ class Teacher:
         return batch_condition if self.num_classes else None
 
     pipeline_class = None  # the diffusers pipeline a text-to-image teacher's folder loads as
+    network_subfolder = "unet"  # where a diffusers folder keeps the network (transformer/: SD3, Flux)
 
     @property
     def image_shape(self) -> tuple[int, ...]:

@@ -15,8 +15,8 @@ Prompt files:
 
 Real images can also come from webdataset tar shards (``shards``, a brace pattern; images are
 read in order and encoded once), or pre-encoded: ``latents``, a safetensors file whose ``latents`` tensor
-(N, C, H/f, W/f) holds VAE latents already multiplied by the VAE's scaling factor (the format of
-this module's own latent cache). Without paired images, real image i is shown with prompt i
+(N, C, H/f, W/f) holds VAE latents as the pipeline denoises them, (mean - shift_factor) x
+scaling_factor (the format of this module's own latent cache). Without paired images, real image i is shown with prompt i
 (cycling the shorter list). Real images come from one source: a .jsonl file pairing every row,
 or a folder / shards / latents file.
 Without any images the GAN loss cannot be used (the module refuses it before training).
@@ -266,9 +266,11 @@ class PromptDataModule(pl.LightningDataModule):
         from tqdm.auto import tqdm
 
         from dmd.files import save_arrays
+        from dmd.t2i.teacher import encode_latents
         from dmd.teachers import weights_digest
 
-        h = hashlib.sha256(f"{weights_digest(vae)}{size}".encode())
+        shift = vae.config.get("shift_factor")  # SD3/Flux VAEs; keys of older caches unchanged
+        h = hashlib.sha256(f"{weights_digest(vae)}{size}{'' if shift is None else f's{shift}'}".encode())
         for f in files:
             h.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
         folder = self.cache_dir / "latents" / h.hexdigest()[:16]
@@ -279,7 +281,7 @@ class PromptDataModule(pl.LightningDataModule):
         def encoded():  # 16 images at a time: the images are never all held as pixels or latents
             with torch.no_grad():
                 while chunk := list(itertools.islice(stream, 16)):
-                    yield {"latents": vae.encode(to_tensors(chunk, size)).latent_dist.mean * vae.config.scaling_factor}
+                    yield {"latents": encode_latents(vae, to_tensors(chunk, size))}
 
         save_arrays(tqdm(encoded(), desc="Encoding real images", unit="x16"), folder,
                     what=f"images in {files[0].parent} ({len(files)} file(s))")

@@ -1,9 +1,9 @@
 """LoRA adapters (peft, through diffusers' PEFT integration) on the generator or fake score.
 
 Only the adapters train; the base weights stay the teacher's. A released generator is saved
-twice over: the UNet with the adapters fused (what ``dmd.sample`` / pipelines load as a
-model) and ``pytorch_lora_weights.safetensors`` in the format
-``StableDiffusionPipeline.load_lora_weights`` reads (to apply to the teacher's pipeline).
+twice over: the network with the adapters fused (what ``dmd.sample`` / pipelines load as a
+model) and ``pytorch_lora_weights.safetensors`` in the format the pipeline's
+``load_lora_weights`` reads (to apply to the teacher's pipeline).
 """
 
 from __future__ import annotations
@@ -44,14 +44,16 @@ def fused_copy(unet: nn.Module) -> nn.Module:
     return fused
 
 
-def save_lora(unet: nn.Module, folder: str | Path, pipeline_class: str = "StableDiffusionPipeline") -> Path:
-    """Write the adapters as ``<folder>/pytorch_lora_weights.safetensors`` (diffusers' format)."""
+def save_lora(unet: nn.Module, folder: str | Path, pipeline_class: str = "StableDiffusionPipeline",
+              network: str = "unet") -> Path:
+    """Write the adapters as ``<folder>/pytorch_lora_weights.safetensors`` (diffusers' format;
+    ``network``: the pipeline's name for the adapted model, ``unet`` or ``transformer``)."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
     # The adapter's config (rank, alpha) goes along: without it diffusers assumes alpha = rank.
     getattr(diffusers, pipeline_class).save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=LORA_FILE,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        folder, weight_name=LORA_FILE, **{f"{network}_lora_layers": get_peft_model_state_dict(unet),
+                                          f"{network}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
     return folder / LORA_FILE

@@ -1,10 +1,14 @@
-"""Tiny random Stable-Diffusion-like pipelines, built from configs and written with
+"""Tiny random pipelines of every family dmd distils, built from configs and written with
 ``save_pretrained`` so that every load goes through the real diffusers/transformers loaders.
 
 ``kind="sd15"``: UNet2DConditionModel (cross-attention on one CLIP text encoder), AutoencoderKL,
 DDPM scheduler (eps prediction). ``kind="sdxl"``: two text encoders (the second with a
 projection, whose pooled output and the size/crop time ids form SDXL's added conditioning).
-The tokenizer is CLIP's BPE over a character vocabulary written here (no download).
+``kind="sd3"``: an MMDiT (SD3Transformer2DModel) on two projected CLIPs + T5, a VAE with a shift
+factor, FlowMatchEulerDiscreteScheduler with SD3's shift 3. ``kind="flux"``: a
+FluxTransformer2DModel with a guidance embedding (like FLUX.1-dev) on CLIP + T5, Flux's
+resolution-dependent (dynamic) shift. The tokenizers are CLIP's BPE and T5's unigram over
+character vocabularies written here (no download).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("sd15", "sdxl")
+KINDS = ("sd15", "sdxl", "sd3", "flux")
 TEXT_DIM = 32
+T5_DIM = 48  # not TEXT_DIM: a mix-up of the CLIP and T5 widths fails loudly
 IMAGE_SIZE = 32  # pixels; the VAE halves it (two blocks) -> 16x16 latents
 
 
@@ -40,6 +45,28 @@ def write_tokenizer(folder: Path, max_length: int = 16) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
     tok.save_pretrained(folder)
+
+
+def write_t5_tokenizer(folder: Path, max_length: int = 16) -> None:
+    """A T5 (unigram) tokenizer over lower-case letters, digits and punctuation, each with and
+    without the word-start mark; everything else is <unk>."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0),
+             *((c, -3.0) for c in chars), *(("\u2581" + c, -2.5) for c in chars)]
+    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length).save_pretrained(folder)
+
+
+def _t5_encoder(tokenizer_dir: Path):
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    tok = T5Tokenizer.from_pretrained(tokenizer_dir)
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   decoder_start_token_id=tok.pad_token_id))
 
 
 def _text_encoder(tokenizer_dir: Path, projection: bool):
@@ -70,37 +97,78 @@ def make_tiny_pipeline(folder: str | Path, kind: str = "sd15", seed: int = 0) ->
     folder = Path(folder)
     with torch.random.fork_rng():  # seeded weights without touching the caller's random stream
         torch.manual_seed(seed)
-        _write_components(folder, kind == "sdxl")
+        _write_components(folder, kind)
     return folder
 
 
-def _write_components(folder: Path, xl: bool) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def _write_components(folder: Path, kind: str) -> None:
+    from dmd.t2i.families import FAMILIES
 
-    from dmd.t2i.teacher import pipeline_index
+    family = FAMILIES[kind]
+    for i, (encoder, _) in enumerate(family.text_encoders):
+        suffix = f"_{i + 1}" if i else ""
+        tok_dir = folder / f"tokenizer{suffix}"
+        if encoder == "T5EncoderModel":
+            write_t5_tokenizer(tok_dir)
+            _t5_encoder(tok_dir).save_pretrained(folder / f"text_encoder{suffix}")
+        else:
+            write_tokenizer(tok_dir)
+            _text_encoder(tok_dir, projection=encoder.endswith("WithProjection")).save_pretrained(
+                folder / f"text_encoder{suffix}")
+    _write_network(folder, kind)
+    _write_vae_and_scheduler(folder, kind)
+    (folder / "model_index.json").write_text(json.dumps(family.model_index(), indent=2))
 
-    encoders = ["text_encoder", "text_encoder_2"] if xl else ["text_encoder"]
-    for i, name in enumerate(encoders):
-        tok_dir = folder / name.replace("text_encoder", "tokenizer")
-        write_tokenizer(tok_dir)
-        _text_encoder(tok_dir, projection=i == 1).save_pretrained(folder / name)
+
+def _write_network(folder: Path, kind: str) -> None:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    latent = IMAGE_SIZE // 2
+    if kind == "sd3":  # joint attention over T5's width; pooled = both CLIP projections
+        SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                              attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_DIM,
+                              caption_projection_dim=32, pooled_projection_dim=2 * TEXT_DIM,
+                              pos_embed_max_size=latent).save_pretrained(folder / "transformer")
+        return
+    if kind == "flux":  # 4 latent channels as 2x2 patches = 16 inputs; rope axes sum to the head dim
+        FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                               attention_head_dim=8, num_attention_heads=4, joint_attention_dim=T5_DIM,
+                               pooled_projection_dim=TEXT_DIM, guidance_embeds=True,
+                               axes_dims_rope=(4, 2, 2)).save_pretrained(folder / "transformer")
+        return
+    xl = kind == "sdxl"
     unet_kwargs = dict(
-        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=16,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM * len(encoders), attention_head_dim=8)
+        cross_attention_dim=TEXT_DIM * (2 if xl else 1), attention_head_dim=8)
     if xl:  # SDXL's added conditioning: pooled text embedding + 6 time ids, each embedded in 8
         unet_kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                            projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8)
     UNet2DConditionModel(**unet_kwargs).save_pretrained(folder / "unet")
+
+
+def _write_vae_and_scheduler(folder: Path, kind: str) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    flow = kind in ("sd3", "flux")
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  norm_num_groups=8, sample_size=IMAGE_SIZE).save_pretrained(folder / "vae")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type="epsilon", clip_sample=False,
-                  steps_offset=1).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps(pipeline_index(xl), indent=2))
+                  norm_num_groups=8, sample_size=IMAGE_SIZE,
+                  # SD3's and Flux's VAEs shift latents before scaling (SD3: 0.0609, 1.5305)
+                  shift_factor=0.0609 if flow else None,
+                  scaling_factor=1.5305 if flow else 0.18215).save_pretrained(folder / "vae")
+    if kind == "sd3":
+        FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    elif kind == "flux":  # FLUX.1-dev's scheduler config
+        FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                        base_image_seq_len=256, max_image_seq_len=4096).save_pretrained(
+            folder / "scheduler")
+    else:
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      prediction_type="epsilon", clip_sample=False,
+                      steps_offset=1).save_pretrained(folder / "scheduler")
 
 
 def make_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
