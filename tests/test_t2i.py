@@ -160,9 +160,14 @@ def test_bf16_autocast_and_gradient_checkpointing_train_the_tiny_pipeline(cli, t
 
 
 @pytest.mark.parametrize("preset,expected", [
-    ("sd15_dmd2", {"ttur_ratio": 10, "guidance_scale": 1.75, "generator_timesteps": [999], "gan": 1e-3}),
+    ("sd15_dmd2", {"ttur_ratio": 10, "guidance_scale": 1.75, "generator_timesteps": [999], "gan": 1e-3, "lr": 5e-7}),
     ("sdxl_dmd2_4step", {"ttur_ratio": 5, "guidance_scale": 8.0,
-                         "generator_timesteps": [999, 749, 499, 249], "gan": 5e-3}),
+                         "generator_timesteps": [999, 749, 499, 249], "gan": 5e-3, "lr": 5e-7}),
+    ("sd3_dmd2", {"ttur_ratio": 5, "guidance_scale": 7.0,
+                  "generator_timesteps": [999, 749, 499, 249], "gan": 5e-3, "lr": 5e-7}),
+    # FastGen's Flux recipe: embedded guidance 3.5 instead of CFG.
+    ("flux_dmd2", {"ttur_ratio": 5, "guidance_scale": 1.0,
+                   "generator_timesteps": [999, 749, 499, 249], "gan": 3e-2, "lr": 1e-5}),
 ])
 def test_paper_presets_compose_with_dmd2s_hyperparameters(preset, expected):
     from hydra import compose, initialize_config_dir
@@ -175,7 +180,8 @@ def test_paper_presets_compose_with_dmd2s_hyperparameters(preset, expected):
     assert a.regression.weight == 0 and a.gan.discriminator_weight == 1e-2
     assert cfg.trainer.precision == "bf16-mixed" and cfg.teacher.dtype == "bfloat16"
     assert cfg.gradient_checkpointing and cfg.data.pipeline == cfg.teacher.path
-    assert cfg.optim.lr_generator == cfg.optim.lr_fake == 5e-7
+    assert cfg.optim.lr_generator == cfg.optim.lr_fake == expected["lr"]
+    assert cfg.teacher.get("guidance") == (3.5 if preset == "flux_dmd2" else None)
 
 
 def test_memory_recipe_counts_the_published_unets_exactly():
