@@ -21,14 +21,42 @@ from torch import Tensor
 from dmd.conditioning import guided_x0
 
 
+TIMESTEP_DISTRIBUTIONS = ("uniform", "sigma", "logit_normal")
+
+
 def sample_timesteps(n: int, num_train_timesteps: int, device=None, low: float = 0.0,
-                     high: float = 1.0, generator=None) -> Tensor:
-    """Uniform integer timesteps in [low * T, high * T], capped at T - 1 (DMD's DM loss: [20, 980])."""
+                     high: float = 1.0, generator=None, distribution: str = "uniform",
+                     schedule=None) -> Tensor:
+    """Integer timesteps in [low * T, high * T], capped at T - 1 (DMD's DM loss: [20, 980]).
+
+    ``distribution``: ``uniform`` in t (DMD, DMD2; on a flow table with a shift, sigma then
+    follows the shifted table, as the teacher was trained), ``sigma`` (sigma uniform between
+    its values at the range's ends, each draw mapped to the nearest timestep of ``schedule``)
+    or ``logit_normal`` (t / T = sigmoid(N(0, 1)) clamped to the range: SD3's training density,
+    Esser et al. 2024, which diffusers' SD3 training script draws over the same table).
+    """
     lo = int(low * num_train_timesteps)
     hi = min(int(high * num_train_timesteps), num_train_timesteps - 1) + 1
+    hi = max(hi, lo + 1)
     # Drawn on the generator's device (CPU by default) so the stream does not depend on the device.
-    t = torch.randint(lo, max(hi, lo + 1), (n,), generator=generator,
-                      device=generator.device if generator is not None else device)
+    on = generator.device if generator is not None else device
+    if distribution == "uniform":
+        t = torch.randint(lo, hi, (n,), generator=generator, device=on)
+    elif distribution == "logit_normal":
+        s = torch.sigmoid(torch.randn(n, generator=generator, device=on, dtype=torch.float64))
+        t = (s * num_train_timesteps).long().clamp(lo, hi - 1)
+    elif distribution == "sigma":
+        if schedule is None:
+            raise ValueError("distribution='sigma' needs the schedule (its sigma table).")
+        table = schedule.alpha_sigma(torch.arange(num_train_timesteps), torch.zeros(num_train_timesteps, 1))[1]
+        table = table.flatten().to(on)  # increasing in t for VP and flow schedules
+        u = torch.rand(n, generator=generator, device=on, dtype=table.dtype)
+        target = table[lo] + u * (table[hi - 1] - table[lo])
+        right = torch.searchsorted(table, target).clamp(1, num_train_timesteps - 1)
+        nearer_left = (target - table[right - 1]) < (table[right] - target)
+        t = torch.where(nearer_left, right - 1, right).clamp(lo, hi - 1)
+    else:
+        raise ValueError(f"Unknown timestep distribution {distribution!r}; choose one of {TIMESTEP_DISTRIBUTIONS}.")
     return t.to(device)
 
 
@@ -41,11 +69,13 @@ def randn_like(x: Tensor, generator=None) -> Tensor:
 
 
 def denoising_loss(denoiser, x0: Tensor, cond=None, t: Tensor | None = None,
-                   eps: Tensor | None = None, generator=None) -> Tensor:
-    """Mean squared error of the network output against its target at a noised x0."""
+                   eps: Tensor | None = None, generator=None, distribution: str = "uniform") -> Tensor:
+    """Mean squared error of the network output against its target at a noised x0 (t drawn
+    over the whole schedule by ``distribution``, see :func:`sample_timesteps`)."""
     schedule = denoiser.schedule
     if t is None:
-        t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, x0.device, generator=generator)
+        t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, x0.device, generator=generator,
+                             distribution=distribution, schedule=schedule)
     if eps is None:
         eps = randn_like(x0, generator)
     x_t = schedule.add_noise(x0, eps, t)
@@ -67,10 +97,11 @@ def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
 
 def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, uncond=None,
                                guidance_scale: float = 1.0, t: Tensor | None = None,
-                               eps: Tensor | None = None, t_range=(0.02, 0.98), generator=None):
+                               eps: Tensor | None = None, t_range=(0.02, 0.98), generator=None,
+                               distribution: str = "uniform"):
     """DMD's generator loss on generator samples ``x`` (requires grad).
 
-    Noise x to a uniform t in [0.02T, 0.98T], ask the real score (the frozen teacher, with
+    Noise x to a t in [0.02T, 0.98T] (uniform by default; see :func:`sample_timesteps`), ask the real score (the frozen teacher, with
     classifier-free guidance) and the fake score (never guided) for x0, and regress x onto
     stopgrad(x - grad): d(loss)/dx = grad / x.numel(). The loss value is only a diagnostic.
     Returns (loss, logs).
@@ -79,7 +110,7 @@ def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, unc
     with torch.no_grad():
         if t is None:
             t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range,
-                                 generator=generator)
+                                 generator=generator, distribution=distribution, schedule=schedule)
         if eps is None:
             eps = randn_like(x, generator)
         x_t = schedule.add_noise(x, eps, t)

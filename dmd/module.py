@@ -38,6 +38,7 @@ from torch import nn
 from dmd.gan import DiscriminatorHead, discriminator_logits
 from dmd.generator import Generator, backward_simulation_step
 from dmd.losses import (
+    TIMESTEP_DISTRIBUTIONS,
     denoising_loss,
     distribution_matching_loss,
     gan_discriminator_loss,
@@ -91,7 +92,8 @@ class DMDModule(pl.LightningModule):
                  guidance_scale: float = 1.0, ttur_ratio: int = 5, lr_generator: float = 1e-5,
                  lr_fake: float = 1e-5, betas=(0.9, 0.999), weight_decay: float = 0.01,
                  warmup_steps: int = 0, grad_clip: float = 10.0, dm_weight: float = 1.0,
-                 dm_t_range=(0.02, 0.98), gan_generator_weight: float = 0.0,
+                 dm_t_range=(0.02, 0.98), timestep_distribution: str = "uniform",
+                 gan_generator_weight: float = 0.0,
                  gan_discriminator_weight: float = 0.0, gan_t_range=(0.02, 0.98),
                  gan_balance: str = "fixed", gan_reference_dim: int = IMAGENET64_DIM,
                  gan_grad_ratio: float = 1.0,
@@ -107,6 +109,8 @@ class DMDModule(pl.LightningModule):
         if regression_weight > 0 and generator.num_steps != 1:
             raise ValueError("DMD's regression loss is defined for one-step generators; "
                              "set regression_weight=0 for a multi-step generator.")
+        if timestep_distribution not in TIMESTEP_DISTRIBUTIONS:
+            raise ValueError(f"timestep_distribution={timestep_distribution!r}; choose one of {TIMESTEP_DISTRIBUTIONS}.")
         if gan_balance not in GAN_BALANCES:
             raise ValueError(f"gan_balance={gan_balance!r}; choose one of {GAN_BALANCES}.")
         self.automatic_optimization = False
@@ -117,6 +121,7 @@ class DMDModule(pl.LightningModule):
         self.lr_generator, self.lr_fake, self.betas = lr_generator, lr_fake, tuple(betas)
         self.weight_decay, self.warmup_steps, self.grad_clip = weight_decay, warmup_steps, grad_clip
         self.dm_weight, self.dm_t_range = dm_weight, tuple(dm_t_range)
+        self.timestep_distribution = timestep_distribution  # of the DM and fake-score losses
         self.gan_generator_weight, self.gan_discriminator_weight = gan_generator_weight, gan_discriminator_weight
         self.gan_t_range = tuple(gan_t_range)
         self.gan_balance, self.gan_grad_ratio = gan_balance, gan_grad_ratio
@@ -217,7 +222,8 @@ class DMDModule(pl.LightningModule):
         x_dm = _watch(x, "dm", norms)
         loss_dm, logs = distribution_matching_loss(
             x_dm, self.real_score, self.fake_score, cond, self.teacher.null_condition(n, self.device),
-            self.guidance_scale, t_range=self.dm_t_range, generator=self.rng)
+            self.guidance_scale, t_range=self.dm_t_range, generator=self.rng,
+            distribution=self.timestep_distribution)
         loss = self.dm_weight * loss_dm
         logs["loss/dm"] = loss_dm.detach()
         if self.gan_generator_weight > 0:
@@ -249,7 +255,8 @@ class DMDModule(pl.LightningModule):
         if x is None:
             with torch.no_grad():
                 x = self.generate(real.shape[0], cond)
-        loss_fake = denoising_loss(self.fake_score, x, cond, generator=self.rng)
+        loss_fake = denoising_loss(self.fake_score, x, cond, generator=self.rng,
+                                   distribution=self.timestep_distribution)
         loss = loss_fake
         logs = {"loss/fake": loss_fake.detach()}
         if self.gan_discriminator_weight > 0:

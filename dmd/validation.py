@@ -15,6 +15,8 @@ from collections.abc import Callable
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dmd.losses import TIMESTEP_DISTRIBUTIONS
+
 _MISSING = object()
 
 
@@ -108,7 +110,9 @@ TRAIN = [
     ("max_iterations", whole(1)), ("generator_steps", whole(1, optional=True)),
     ("algorithm.ttur_ratio", whole(1)), ("algorithm.guidance_scale", number(0)),
     ("algorithm.generator_timesteps", whole_list(0)), ("algorithm.dm_weight", number(0)),
-    ("algorithm.dm_t_range", fraction_range()), ("algorithm.ema_decay", number(0, 1, hi_open=True, optional=True)),
+    ("algorithm.dm_t_range", fraction_range()),
+    ("algorithm.timestep_distribution", one_of(*TIMESTEP_DISTRIBUTIONS)),
+    ("algorithm.ema_decay", number(0, 1, hi_open=True, optional=True)),
     ("algorithm.backward_simulation", one_of(True, False)),
     ("algorithm.gan.generator_weight", number(0)), ("algorithm.gan.discriminator_weight", number(0)),
     ("algorithm.gan.t_range", fraction_range()), ("algorithm.gan.balance", one_of("fixed", "dimension", "adaptive")),

@@ -122,3 +122,35 @@ def test_the_bundled_flow_teacher_loads_as_flow_and_samples_the_mixture():
     d = torch.cdist(x.double(), mix.means.double())
     share = torch.bincount(d.argmin(1), minlength=8).double() / 4000
     assert share.min() > 0.09 and share.max() < 0.16 and d.min(1).values.median().item() < 0.2
+
+
+def test_timestep_distributions_of_the_dm_and_fake_score_losses():
+    """uniform in t (sigma follows the shifted table), uniform in sigma, or SD3's logit-normal."""
+    import pytest as _pytest
+
+    from dmd.losses import sample_timesteps
+    from dmd.schedule import FlowSchedule
+
+    schedule = FlowSchedule(1000, shift=3.0)
+    n, lo, hi = 40000, 0.02, 0.5
+
+    def draw(distribution):
+        t = sample_timesteps(n, 1000, low=lo, high=hi, distribution=distribution, schedule=schedule,
+                             generator=torch.Generator().manual_seed(0))
+        assert t.dtype == torch.long and t.min() >= 20 and t.max() <= 500
+        return t, schedule.sigmas[t]
+
+    s_lo, s_hi = schedule.sigmas[20].item(), schedule.sigmas[500].item()
+    _, sig = draw("sigma")  # evenly spread over [sigma(20), sigma(500)]: four equal bins
+    counts = torch.histc(sig.float(), bins=4, min=s_lo, max=s_hi) / n
+    assert torch.allclose(counts, torch.full((4,), 0.25, dtype=counts.dtype), atol=0.01)
+    t, sig_t = draw("uniform")  # uniform in t: the shift pushes sigma up (mean above the midpoint)
+    assert t.float().mean().item() == _pytest.approx(260, abs=3)
+    assert sig_t.mean().item() > sig.mean().item() + 0.05
+    t, _ = draw("logit_normal")  # sigmoid(N(0, 1)) * T, clamped to the range: piles at the upper end
+    assert (t == 500).float().mean().item() == _pytest.approx(0.5, abs=0.01)
+    full = sample_timesteps(n, 1000, distribution="logit_normal", generator=torch.Generator().manual_seed(0))
+    logits = torch.logit((full.double() + 0.5) / 1000)
+    assert logits.mean().item() == _pytest.approx(0, abs=0.02) and logits.std().item() == _pytest.approx(1, abs=0.03)
+    with _pytest.raises(ValueError, match="choose one of"):
+        sample_timesteps(2, 1000, distribution="beta")
