@@ -88,7 +88,7 @@ def save_generator(generator: Generator, teacher, folder: str | Path) -> Path:
             save_lora(unet, tmp, teacher.pipeline_class, teacher.network_subfolder)
             unet = fused_copy(unet)
         unet.save_pretrained(tmp / teacher.network_subfolder)
-        released_scheduler(teacher.scheduler).save_pretrained(tmp / "scheduler")
+        released_scheduler(teacher.scheduler, generator.denoiser.schedule).save_pretrained(tmp / "scheduler")
         teacher.save_components(tmp)
         meta = {"timesteps": generator.timesteps, "num_classes": teacher.num_classes,
                 "sample_shape": list(teacher.sample_shape), "text_to_image": teacher.pipeline_class is not None}
@@ -106,24 +106,24 @@ def is_flow_scheduler(scheduler) -> bool:
     return "FlowMatch" in type(scheduler).__name__
 
 
-def released_scheduler(scheduler):
+def released_scheduler(scheduler, schedule):
     """The scheduler saved with a generator. A flow-matching one samples the generator as dmd
     does: ``stochastic_sampling`` (each step's x0 re-noised with fresh noise, DMD2's multi-step
     sampling; one step is the same either way), and a fixed shift (a resolution-dependent one,
-    Flux's, becomes the unshifted table the generator's timesteps are counted on), so that the
-    ``sigmas`` in generator.json reach the network unchanged."""
+    Flux's, becomes the fixed shift of ``schedule``, the table the generator was trained on), so
+    that the ``sigmas`` in generator.json reach the network as the generator's timesteps."""
     if not is_flow_scheduler(scheduler):
         return scheduler
     config = dict(scheduler.config, stochastic_sampling=True)
     if config.get("use_dynamic_shifting"):
-        config.update(use_dynamic_shifting=False, shift=1.0)
+        config.update(use_dynamic_shifting=False, shift=schedule.shift)
     return type(scheduler).from_config(config)
 
 
 def pipeline_call(generator: Generator) -> dict:
     """The arguments of a stock diffusers pipeline call that samples this flow generator:
-    ``sigmas`` (before the scheduler's fixed shift: (t + 1) / T for each timestep t; the shifted
-    values are the generator's), no CFG (``guidance_scale`` 1, or Flux's embedded guidance)."""
+    ``sigmas`` (before the released scheduler's fixed shift: (t + 1) / T for each timestep t; the
+    shifted values are the generator's), no CFG (``guidance_scale`` 1, or Flux's embedded guidance)."""
     T = generator.denoiser.schedule.num_train_timesteps
     guidance = getattr(generator.denoiser, "guidance", None)
     return {"pipeline_call": {"num_inference_steps": generator.num_steps,

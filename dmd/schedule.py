@@ -169,11 +169,16 @@ class FlowSchedule(Schedule):
         self.register_buffer("sigmas", sigmas.double(), persistent=False)
 
     @classmethod
-    def from_diffusers(cls, scheduler, **kwargs) -> FlowSchedule:
-        """From a ``FlowMatchEulerDiscreteScheduler`` (dynamic shifting: the unshifted table, as
-        diffusers trains with it; the resolution-dependent shift is a sampling-time choice)."""
+    def from_diffusers(cls, scheduler, image_seq_len: int | None = None, **kwargs) -> FlowSchedule:
+        """From a ``FlowMatchEulerDiscreteScheduler``. Resolution-dependent (dynamic) shifting,
+        Flux's: the shift its pipelines use for ``image_seq_len`` latent tokens (mu linear in the
+        token count between base and max; an exponential time shift by mu is the fixed shift
+        exp(mu), a linear one the shift mu), so that timesteps uniform in t follow the teacher's
+        training at that resolution; without a token count, the unshifted table."""
         c = scheduler.config
-        shift = 1.0 if c.get("use_dynamic_shifting") else c.get("shift", 1.0)
+        shift = c.get("shift", 1.0)
+        if c.get("use_dynamic_shifting"):
+            shift = 1.0 if image_seq_len is None else dynamic_shift(c, image_seq_len)
         return cls(c.num_train_timesteps, shift, **kwargs)
 
     @property
@@ -237,6 +242,15 @@ class FlowSchedule(Schedule):
     def same_as(self, other) -> bool:
         return (isinstance(other, FlowSchedule) and other.sigmas.shape == self.sigmas.shape
                 and torch.allclose(other.sigmas.cpu(), self.sigmas.cpu()))
+
+
+def dynamic_shift(config, image_seq_len: int) -> float:
+    """The fixed shift equal to a flow scheduler's dynamic shift at ``image_seq_len`` tokens
+    (diffusers' ``calculate_shift`` for mu, then its time shift with sigma = 1)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    mu = base + (top - base) / (max_len - base_len) * (image_seq_len - base_len)
+    return float(np.exp(mu)) if config.get("time_shift_type", "exponential") == "exponential" else float(mu)
 
 
 def schedule_from_diffusers(scheduler, **kwargs):

@@ -154,3 +154,21 @@ def test_timestep_distributions_of_the_dm_and_fake_score_losses():
     assert logits.mean().item() == _pytest.approx(0, abs=0.02) and logits.std().item() == _pytest.approx(1, abs=0.03)
     with _pytest.raises(ValueError, match="choose one of"):
         sample_timesteps(2, 1000, distribution="beta")
+
+
+def test_dynamic_shift_is_fluxs_shift_at_that_resolution():
+    """A dynamic-shift (Flux) scheduler at N latent tokens = the fixed shift exp(mu(N)): the
+    sigmas diffusers' pipelines sample with at that size are the schedule's table values."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from dmd.schedule import FlowSchedule
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    ts = [999, 749, 499, 249, 20]
+    for tokens in (64, 1024, 4096):
+        schedule = FlowSchedule.from_diffusers(scheduler, image_seq_len=tokens)
+        scheduler.set_timesteps(sigmas=[(t + 1) / 1000 for t in ts], mu=calculate_shift(tokens))
+        assert torch.allclose(scheduler.sigmas[:-1].double(), schedule.sigmas[ts], atol=1e-6)
+    assert FlowSchedule.from_diffusers(scheduler).shift == 1.0  # no size given: the unshifted table

@@ -3,6 +3,7 @@ the CLI, their released generators sampled by the stock diffusers pipelines (the
 dmd's own sampling, bit for bit), and their LoRA adapters read back by diffusers."""
 
 import json
+import math
 
 import diffusers
 import pytest
@@ -97,3 +98,9 @@ def test_pipeline_families_and_their_conditions(tmp_path):
     (tmp_path / "odd" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(ValueError, match="KandinskyPipeline pipeline; dmd distils"):
         family_of(str(tmp_path / "odd"))
+    # Flux: a dynamic-shift scheduler, taken at the teacher's size (16x16 latents = 64 tokens).
+    flux = tiny_text_to_image_teacher(str(tmp_path / "flux"), "flux")
+    assert flux.scheduler.config.use_dynamic_shifting and flux.guidance == 3.5
+    mu = diffusers.pipelines.flux.pipeline_flux.calculate_shift(64)
+    assert flux.denoiser.schedule.shift == pytest.approx(math.exp(mu))
+    assert flux.labels(2)["pooled_projections"].shape == (2, flux.denoiser.unet.config.pooled_projection_dim)

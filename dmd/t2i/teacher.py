@@ -160,8 +160,10 @@ def load_text_to_image_teacher(path: str, dtype: str = "float32", prompts: list[
     if family.name == "flux" and size % (2 * factor):
         raise ValueError(f"Flux latents enter the transformer as 2x2 patches: the image size ({size}) "
                          f"must be a multiple of {2 * factor}.")
-    denoiser = _denoiser(network, family, schedule_from_diffusers(scheduler), prediction_type_of(scheduler),
-                         guidance)
+    # Flux's dynamic shift: the one its pipeline uses at this size (latent 2x2 patches = tokens)
+    tokens = {"image_seq_len": (size // factor // 2) ** 2} if family.flow else {}
+    denoiser = _denoiser(network, family, schedule_from_diffusers(scheduler, **tokens),
+                         prediction_type_of(scheduler), guidance)
     shape = (vae.config.latent_channels, size // factor, size // factor)
     return TextToImageTeacher(denoiser, shape, 0, scheduler, vae=_freeze(vae), prompt_encoder=encoder,
                               null=encoder.null_condition(), prompts=list(prompts or DEFAULT_PROMPTS),
