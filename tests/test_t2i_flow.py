@@ -104,3 +104,9 @@ def test_pipeline_families_and_their_conditions(tmp_path):
     mu = diffusers.pipelines.flux.pipeline_flux.calculate_shift(64)
     assert flux.denoiser.schedule.shift == pytest.approx(math.exp(mu))
     assert flux.labels(2)["pooled_projections"].shape == (2, flux.denoiser.unet.config.pooled_projection_dim)
+    # Its samples depend on that input: a cached teacher reference made at another guidance is not reused.
+    from dmd.metrics.reference import TeacherReference
+
+    before = TeacherReference().provenance(flux)
+    flux.denoiser.guidance = 2.0
+    assert TeacherReference().provenance(flux) != before

@@ -127,6 +127,8 @@ class TeacherReference:
                 "num_classes": teacher.num_classes, "sampler": self.sampler, "steps": self.steps,
                 "guidance_scale": self.guidance_scale, "spacing": self.spacing,
                 "num_samples": self.num_samples, "seed": self.seed, "streams": STREAMS_VERSION}
+        if getattr(d, "guidance", None) is not None:  # guidance-distilled (Flux): an input of the network
+            prov["embedded_guidance"] = d.guidance
         if getattr(teacher, "prompts", None):  # text-to-image: the prompts the samples answer
             prov["prompts_sha256"] = hashlib.sha256("\n".join(teacher.prompts).encode()).hexdigest()
         return prov
