@@ -182,6 +182,8 @@ def test_paper_presets_compose_with_dmd2s_hyperparameters(preset, expected):
     assert cfg.gradient_checkpointing and cfg.data.pipeline == cfg.teacher.path
     assert cfg.optim.lr_generator == cfg.optim.lr_fake == expected["lr"]
     assert cfg.teacher.get("guidance") == (3.5 if preset == "flux_dmd2" else None)
+    if preset in ("sd3_dmd2", "flux_dmd2"):  # the teacher samples at the data's size (Flux: 512, not 1024)
+        assert cfg.teacher.image_size == cfg.data.image_size
 
 
 def test_memory_recipe_counts_the_published_unets_exactly():
