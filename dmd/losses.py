@@ -20,7 +20,6 @@ from torch import Tensor
 
 from dmd.conditioning import guided_x0
 
-
 TIMESTEP_DISTRIBUTIONS = ("uniform", "sigma", "logit_normal")
 
 
