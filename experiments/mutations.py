@@ -114,7 +114,8 @@ MUTATIONS = [
              "k = backward_simulation_step(self.iteration, self.generator.num_steps, self.seed)",
              "k = self.generator.num_steps - 1"),
     Mutation("fake_loss_on_clean_samples", "fake score's denoising loss at t = 0 only", "dmd/losses.py",
-             "t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, x0.device, generator=generator)",
+             "t = sample_timesteps(x0.shape[0], schedule.num_train_timesteps, x0.device, generator=generator,\n"
+             "                             distribution=distribution, schedule=schedule)",
              "t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)"),
 ]
 
