@@ -126,7 +126,7 @@ def test_the_bundled_flow_teacher_loads_as_flow_and_samples_the_mixture():
 
 def test_timestep_distributions_of_the_dm_and_fake_score_losses():
     """uniform in t (sigma follows the shifted table), uniform in sigma, or SD3's logit-normal."""
-    import pytest as _pytest
+
 
     from dmd.losses import sample_timesteps
     from dmd.schedule import FlowSchedule
@@ -145,14 +145,14 @@ def test_timestep_distributions_of_the_dm_and_fake_score_losses():
     counts = torch.histc(sig.float(), bins=4, min=s_lo, max=s_hi) / n
     assert torch.allclose(counts, torch.full((4,), 0.25, dtype=counts.dtype), atol=0.01)
     t, sig_t = draw("uniform")  # uniform in t: the shift pushes sigma up (mean above the midpoint)
-    assert t.float().mean().item() == _pytest.approx(260, abs=3)
+    assert t.float().mean().item() == pytest.approx(260, abs=3)
     assert sig_t.mean().item() > sig.mean().item() + 0.05
     t, _ = draw("logit_normal")  # sigmoid(N(0, 1)) * T, clamped to the range: piles at the upper end
-    assert (t == 500).float().mean().item() == _pytest.approx(0.5, abs=0.01)
+    assert (t == 500).float().mean().item() == pytest.approx(0.5, abs=0.01)
     full = sample_timesteps(n, 1000, distribution="logit_normal", generator=torch.Generator().manual_seed(0))
     logits = torch.logit((full.double() + 0.5) / 1000)
-    assert logits.mean().item() == _pytest.approx(0, abs=0.02) and logits.std().item() == _pytest.approx(1, abs=0.03)
-    with _pytest.raises(ValueError, match="choose one of"):
+    assert logits.mean().item() == pytest.approx(0, abs=0.02) and logits.std().item() == pytest.approx(1, abs=0.03)
+    with pytest.raises(ValueError, match="choose one of"):
         sample_timesteps(2, 1000, distribution="beta")
 
 
@@ -172,3 +172,40 @@ def test_dynamic_shift_is_fluxs_shift_at_that_resolution():
         scheduler.set_timesteps(sigmas=[(t + 1) / 1000 for t in ts], mu=calculate_shift(tokens))
         assert torch.allclose(scheduler.sigmas[:-1].double(), schedule.sigmas[ts], atol=1e-6)
     assert FlowSchedule.from_diffusers(scheduler).shift == 1.0  # no size given: the unshifted table
+
+
+@pytest.mark.slow
+def test_a_class_conditional_flow_student_samples_with_the_stock_flow_scheduler(cli, tmp_path):
+    """A flow teacher pretrained by dmd.pretrain, distilled into a 2-step student: its released
+    folder (UNet2DModel + FlowMatchEulerDiscreteScheduler) sampled by the stock scheduler at the
+    sigmas in generator.json gives dmd's samples."""
+    import json
+
+    from diffusers import UNet2DModel
+
+    from dmd.generator import load_generator
+
+    teacher = tmp_path / "teacher"
+    cli("dmd.pretrain", "network=tiny_unet", "noise_scheduler=flow_match", "noise_scheduler.shift=2.0",
+        "trainer=smoke", "grid.num_samples=4", "grid.steps=2", "data.batch_size=8", f"hydra.run.dir={teacher}")
+    run = tmp_path / "student"
+    cli("dmd.train", "experiment=fmnist_dmd2", f"teacher.path={teacher}/teacher", "max_iterations=2",
+        "data.batch_size=4", "algorithm.generator_timesteps=[999,499]", "callbacks.evaluation=null",
+        "logger=csv", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    folder = run / "generator"
+    call = json.loads((folder / "generator.json").read_text())["pipeline_call"]
+    assert call["num_inference_steps"] == 2 and call["sigmas"] == [1.0, 0.5]
+    unet = UNet2DModel.from_pretrained(folder / "unet")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    assert scheduler.config.stochastic_sampling and scheduler.config.shift == 2.0
+
+    gen, info = load_generator(run)
+    noise = torch.randn(6, *info.sample_shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(6) % 10
+    with torch.no_grad():
+        ours = gen(noise, labels, generator=torch.Generator().manual_seed(1))
+        scheduler.set_timesteps(sigmas=call["sigmas"])
+        x, rng = noise, torch.Generator().manual_seed(1)
+        for t in scheduler.timesteps:  # the stock loop: velocity from the UNet, one scheduler step
+            x = scheduler.step(unet(x, t.expand(6), class_labels=labels).sample, t, x, generator=rng).prev_sample
+    assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
