@@ -2,7 +2,7 @@
 
 ``trainer=fsdp`` (GPUs) / ``trainer=fsdp_cpu`` (two gloo processes, for tests) select
 :class:`FullyShardedStrategy`, Lightning's ``ModelParallelStrategy`` with every process in one
-data-parallel group. :meth:`dmd.module.DMDModule.configure_model` then calls
+data-parallel group. :meth:`dmd.student.StudentModule.configure_model` then calls
 :func:`shard_networks`: each residual and transformer block of the generator and the fake score
 is its own FSDP unit (its parameters are gathered just for its forward/backward and freed
 after), then each network as a whole, then the GAN head. Every rank holds 1/world of each

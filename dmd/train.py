@@ -35,7 +35,7 @@ from dmd.draw import sample_generator
 from dmd.files import read_results, update_results
 from dmd.generator import Generator, load_generator, save_generator
 from dmd.metrics.evaluator import check_independent
-from dmd.module import DMDModule, copy_denoiser
+from dmd.module import DMDModule
 from dmd.provenance import run_provenance
 from dmd.regression_pairs import pairs_for_config
 from dmd.rundir import claim_run_dir
@@ -46,6 +46,7 @@ from dmd.runs import (
     require,
     resolve_ckpt_path,
 )
+from dmd.student import StudentModule, copy_denoiser
 from dmd.t2i.lora import add_lora
 from dmd.teachers import Teacher, load_teacher, weights_digest
 from dmd.validation import validate
@@ -126,7 +127,7 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
         ema_decay=a.ema_decay, max_iterations=cfg.max_iterations, seed=cfg.seed)
 
 
-def rank_states(module: DMDModule) -> list[dict]:
+def rank_states(module: StudentModule) -> list[dict]:
     """What every rank ended with: a digest of its generator weights, of the backward-simulation
     steps it trained, and of its random stream (ranks must agree on the first two, not the last)."""
     import torch.distributed as dist

@@ -51,7 +51,7 @@ MUTATIONS = [
     Mutation("discriminator_swapped", "discriminator's real and fake inputs swapped", "dmd/module.py",
              "gan_discriminator_loss(self.discriminate(real, cond), self.discriminate(x, cond))",
              "gan_discriminator_loss(self.discriminate(x, cond), self.discriminate(real, cond))"),
-    Mutation("ema_not_released", "released generator without the EMA weights", "dmd/module.py",
+    Mutation("ema_not_released", "released generator without the EMA weights", "dmd/student.py",
              "            self.ema.copy_to(trainable(released))", "            pass"),
     Mutation("backsim_grad_everywhere", "backward simulation differentiates every step",
              "dmd/generator.py",

@@ -1,0 +1,251 @@
+"""What the LightningModule of every distillation method shares: the student generator, the
+frozen teacher, the module's own counters and random stream, EMA of the generator's weights,
+checkpointed state, FSDP sharding and the release of the generator.
+
+Methods subclass :class:`StudentModule` with their own ``training_step`` and optimisers
+(:class:`dmd.module.DMDModule`: DMD and DMD2; :class:`dmd.methods.kd.KDModule`: knowledge
+distillation). Optimisation is manual: ``iteration`` counts training steps of the method's
+loop, ``generator_steps`` the generator's updates and ``fake_steps`` those of a fake score (if
+any); they are checkpointed with every rank's random stream, so that a resumed run continues
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytorch_lightning as pl
+import torch
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from dmd.generator import Generator
+from dmd.sharding import (
+    full_state_dict,
+    gather_to_cpu,
+    is_sharded,
+    materialize,
+    meta_copy,
+    shard_like,
+    shard_networks,
+    whole,
+)
+from dmd.streams import stream_seed
+from dmd.teachers import Teacher
+
+RANK_SEED_STRIDE = 1_000_003
+
+
+def training_rng(seed: int, rank: int = 0) -> torch.Generator:
+    """The module's random stream on one rank: noise, timesteps and regression batches."""
+    return torch.Generator().manual_seed(stream_seed("training", seed + RANK_SEED_STRIDE * rank))
+
+
+def warmup(optimizer, steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps)))
+
+
+def _grad_norm(parameters) -> torch.Tensor:
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return whole(torch.nn.utils.get_total_norm(grads))  # sharded grads: one all-reduce
+
+
+class StudentModule(pl.LightningModule):
+    """A generator trained against a frozen teacher (``real_score``), by a method's own loop."""
+
+    def __init__(self, teacher: Teacher, generator: Generator, lr_generator: float = 1e-5,
+                 betas=(0.9, 0.999), weight_decay: float = 0.01, warmup_steps: int = 0,
+                 grad_clip: float = 10.0, ema_decay: float | None = None,
+                 max_iterations: int | None = None, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.teacher = teacher
+        self.real_score = teacher.denoiser.requires_grad_(False).eval()
+        self.generator = generator
+        self.lr_generator, self.betas = lr_generator, tuple(betas)
+        self.weight_decay, self.warmup_steps, self.grad_clip = weight_decay, warmup_steps, grad_clip
+        self.seed, self.max_iterations = seed, max_iterations
+        # Only trained weights (all of them, or the LoRA adapters) are optimised and averaged.
+        self.ema_decay = ema_decay
+        self.ema = EMAModel(trainable(generator), decay=ema_decay) if ema_decay else None
+        self._release_template: list[nn.Module] = []  # FSDP: the generator's shape, weightless
+        self.rng = training_rng(seed)
+        self.iteration = self.generator_steps = self.fake_steps = 0
+        # (iteration, step) pairs backward simulation trained, hashed: ranks compare it (train.py)
+        self.backward_simulation_trace = hashlib.sha256()
+
+    def other_trained_networks(self) -> list:
+        """Trained networks besides the generator (sharded with it under FSDP)."""
+        return []
+
+    def frozen_networks(self) -> dict:
+        """Submodules that are not trained state: never checkpointed, rebuilt from the config."""
+        return {"real_score": self.real_score}
+
+    def adamw(self, params, lr: float):
+        return torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def finish_iteration(self, logs: dict) -> None:
+        """Count the iteration, log it and stop at the run's length."""
+        self.iteration += 1
+        logs.update({"counters/iteration": float(self.iteration),
+                     "counters/generator_steps": float(self.generator_steps),
+                     "counters/fake_steps": float(self.fake_steps)})
+        self.log_dict(logs, prog_bar=False)
+        if self.max_iterations and self.iteration >= self.max_iterations:
+            self.trainer.should_stop = True
+
+    def setup(self, stage: str) -> None:
+        # Each rank draws its own noise and timesteps (rank 0: the single-process stream), before
+        # a resumed checkpoint restores every rank's own state. The backward-simulation step
+        # stays a function of (iteration, seed): the same on every rank.
+        self.rng = training_rng(self.seed, self.global_rank)
+
+    def configure_model(self) -> None:
+        # Under trainer=fsdp (dmd.sharding.FullyShardedStrategy) Lightning gives the module a
+        # device mesh: shard the trained networks. The frozen real score stays whole on every
+        # rank (rank 0 alone samples the teacher for evaluation references).
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or is_sharded(self.generator):
+            return
+        self._release_template[:] = [meta_copy(self.generator)]
+        shard_networks([self.generator.denoiser, *self.other_trained_networks()], mesh["data_parallel"])
+        if self.ema is not None:  # average the shards each rank holds
+            self.ema = EMAModel(trainable(self.generator), decay=self.ema_decay)
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.generator)
+
+    def on_fit_start(self):
+        if self.ema is not None:  # EMAModel keeps its own copies: follow the module's device
+            self.ema.to(self.device)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # A run resumed at (or beyond) its length does no further update.
+        if self.max_iterations and self.iteration >= self.max_iterations:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
+    def noise(self, n: int):
+        """Pure noise z ~ N(0, I) from the module's random stream."""
+        return torch.randn(n, *self.teacher.sample_shape, generator=self.rng).to(self.device)
+
+    def _check_finite(self, loss, which: str):
+        # Every rank learns of a non-finite loss on any rank (no rank left waiting in an all-reduce).
+        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
+            raise FloatingPointError(
+                f"Non-finite {which} loss (this rank: {loss.item()}) at iteration {self.iteration}. Training "
+                "stopped before this update; <run dir>/checkpoints/last.ckpt (the last periodic "
+                "save) is a good state to resume from. Lower optim.lr_generator / optim.lr_fake or "
+                "raise optim.warmup_steps.")
+
+    def _step(self, optimizer, scheduler, loss):
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        norm = _grad_norm(optimized(optimizer))  # logged before clipping: growth is the first sign of trouble
+        self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+        return norm
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["dmd_counters"] = {"iteration": self.iteration,
+                                      "generator_steps": self.generator_steps,
+                                      "fake_steps": self.fake_steps}
+        # Every rank's stream (collective: all ranks save together, rank 0 writes the file).
+        gathered = self.all_gather(self.rng.get_state().to(self.device)).reshape(self.trainer.world_size, -1)
+        checkpoint["dmd_rng_states"] = [state.clone() for state in gathered.cpu()]  # own storage each
+        if self.ema is not None:  # whole, on rank 0 (it writes the file); sharded: every rank gathers
+            ema = self.ema.state_dict()
+            checkpoint["generator_ema"] = {**ema, "shadow_params": gather_to_cpu(
+                ema["shadow_params"], keep=self.global_rank == 0)}
+        if self.sharded:  # the strategy saves and reloads the whole module strictly, frozen parts too
+            return
+        # The frozen teacher (and e.g. a regression distance's network) are not trained state.
+        frozen = tuple(f"{name}." for name in self.frozen_networks())
+        for key in [k for k in checkpoint["state_dict"] if k.startswith(frozen)]:
+            del checkpoint["state_dict"][key]
+
+    def on_load_checkpoint(self, checkpoint):
+        if "dmd_counters" not in checkpoint:
+            raise ValueError("This checkpoint was not written by dmd.train (no DMD counters): "
+                             "point ckpt_path at a dmd.train run's checkpoints/last.ckpt.")
+        if (self.ema is not None) != ("generator_ema" in checkpoint):
+            raise ValueError("algorithm.ema_decay must match the run being resumed (EMA was "
+                             f"{'on' if 'generator_ema' in checkpoint else 'off'} there).")
+        counters = checkpoint["dmd_counters"]
+        self.iteration = counters["iteration"]
+        self.generator_steps, self.fake_steps = counters["generator_steps"], counters["fake_steps"]
+        states = checkpoint.get("dmd_rng_states") or [checkpoint["dmd_rng_state"]]  # older: one rank
+        if len(states) != self.trainer.world_size:
+            raise ValueError(f"This checkpoint was written by {len(states)} process(es), this run has "
+                             f"{self.trainer.world_size}: resume with the same number of devices x nodes.")
+        self.rng.set_state(states[self.global_rank].clone())  # a view into a shared storage crashes it
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["generator_ema"])
+            self.ema.shadow_params = shard_like(self.ema.shadow_params, trainable(self.generator))
+        if self.sharded:  # the strategy has loaded the module's weights itself
+            return
+        state = checkpoint["state_dict"]
+        self._check_matches(state, checkpoint)
+        for name, network in self.frozen_networks().items():
+            state.update({f"{name}.{k}": v for k, v in network.state_dict().items()})
+
+    def _check_matches(self, state: dict, checkpoint: dict) -> None:
+        """Refuse, in one sentence, a checkpoint of other networks (another preset's run)."""
+        frozen = tuple(f"{name}." for name in self.frozen_networks())
+        mine = {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith(frozen)}
+        theirs = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(frozen)}
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if differ:
+            k = differ[0]
+            raise ValueError(
+                f"This checkpoint holds other networks than this run builds ({len(differ)} of "
+                f"{len(mine)} weights differ, e.g. {k}: {theirs.get(k, 'missing')} in the checkpoint, "
+                f"{mine.get(k, 'missing')} here): it was written by a run of another preset or "
+                "network. Resume it with its own command, or point ckpt_path elsewhere.")
+
+    def release_generator(self) -> Generator | None:
+        """A copy of the generator with the EMA weights if EMA is on (the model to release), on
+        rank 0; None on the other ranks. Collective: under FSDP every rank must call it (the
+        shards are gathered to rank 0)."""
+        if self.sharded:
+            return self._gather_generator()
+        if self.global_rank != 0:
+            return None
+        released = copy.deepcopy(self.generator)
+        if self.ema is not None:
+            self.ema.copy_to(trainable(released))
+        return released.eval()
+
+    def _gather_generator(self) -> Generator | None:
+        state = full_state_dict(self.generator)
+        if self.ema is not None:
+            names = [n for n, p in self.generator.named_parameters() if p.requires_grad]
+            averaged = gather_to_cpu(self.ema.shadow_params, keep=self.global_rank == 0)
+            state.update(zip(names, averaged))
+        if self.global_rank != 0:
+            return None
+        return materialize(self._release_template[0], state).to(self.device).eval()
+
+
+def optimized(optimizer) -> list[nn.Parameter]:
+    """The parameters an optimizer updates (under FSDP: the shards, whatever state the module's
+    forward has left its parameter attributes in)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train (all of a fully fine-tuned network; the adapters of a LoRA one)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def copy_denoiser(denoiser: nn.Module) -> nn.Module:
+    """A trainable copy of a network (generator and fake score start from the teacher's, or from
+    its float32 reload when the teacher is kept in half precision: see ``train.student_init``)."""
+    return copy.deepcopy(denoiser).requires_grad_(True).train()
