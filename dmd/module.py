@@ -40,6 +40,7 @@ from dmd.losses import (
     gan_generator_loss,
     regression_loss,
 )
+from dmd.regression_pairs import pair_batch
 from dmd.student import StudentModule, copy_denoiser, optimized, trainable, training_rng, warmup
 from dmd.teachers import Teacher
 
@@ -213,10 +214,7 @@ class DMDModule(StudentModule):
 
     def regression_term(self, norms: dict | None = None):
         """Regression loss on a random batch of cached teacher pairs (DMD)."""
-        pairs = self.regression_pairs
-        idx = torch.randint(pairs["noise"].shape[0], (self.regression_batch_size,), generator=self.rng)
-        noise, target = pairs["noise"][idx].to(self.device), pairs["images"][idx].to(self.device)
-        cond = pairs["labels"][idx].to(self.device) if "labels" in pairs else None
+        noise, target, cond = pair_batch(self.regression_pairs, self.regression_batch_size, self.rng, self.device)
         out = self.generator(noise, cond)
         if norms is not None:
             out = _watch(out, "regression", norms)

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -25,6 +26,13 @@ from dmd.streams import noise as stream_noise
 from dmd.teachers import Teacher, weights_digest
 
 log = logging.getLogger(__name__)
+
+
+def pair_batch(pairs: dict, n: int, generator: torch.Generator, device=None) -> tuple:
+    """``n`` random pairs (indices from ``generator``): (noise, teacher samples, labels or None)."""
+    idx = torch.randint(pairs["noise"].shape[0], (n,), generator=generator)
+    labels = pairs["labels"][idx].to(device) if "labels" in pairs else None
+    return pairs["noise"][idx].to(device), pairs["images"][idx].to(device), labels
 
 
 def make_pairs(teacher: Teacher, num_pairs: int, sampler: str = "heun", steps: int = 8,

@@ -34,6 +34,7 @@ from dmd.distances import build_distance, digest
 from dmd.draw import sample_generator
 from dmd.files import read_results, update_results
 from dmd.generator import Generator, load_generator, save_generator
+from dmd.methods.kd import KDModule
 from dmd.metrics.evaluator import check_independent
 from dmd.module import DMDModule
 from dmd.provenance import run_provenance
@@ -84,47 +85,56 @@ def student_init(teacher: Teacher, init: str | None) -> Teacher:
     return source
 
 
-def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> DMDModule:
+def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:
+    """The LightningModule of ``algorithm.method``: DMD/DMD2 or knowledge distillation."""
     a, o = cfg.algorithm, cfg.optim
+    method = a.get("method", "dmd")
     T = teacher.denoiser.schedule.num_train_timesteps
     require(a.ttur_ratio >= 1, f"algorithm.ttur_ratio must be >= 1, got {a.ttur_ratio}.")
     require(all(0 <= t < T for t in a.generator_timesteps),
             f"algorithm.generator_timesteps={list(a.generator_timesteps)} must lie in [0, {T - 1}].")
-    require(a.regression.weight <= 0 or a.regression.batch_size >= 1,
-            f"algorithm.regression.batch_size must be >= 1, got {a.regression.batch_size}.")
+    reg = a.regression
+    uses_pairs = method == "kd" or reg.weight > 0
+    require(not uses_pairs or reg.batch_size >= 1,
+            f"algorithm.regression.batch_size must be >= 1, got {reg.batch_size}.")
+    require(not uses_pairs or teacher.pipeline_class is None,
+            "Teacher noise -> image pairs (DMD's regression loss, knowledge distillation) are not "
+            "supported for text-to-image teachers (DMD2 drops the regression): set "
+            "algorithm.regression.weight=0, or use algorithm=dmd2.")
     generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps)
-    fake_score = copy_denoiser(init.denoiser)
+    fake_score = copy_denoiser(init.denoiser) if method == "dmd" else None  # KD has no fake score
     lora = a.get("lora") or {}
-    for net, rank in ((generator.denoiser, lora.get("generator_rank", 0)), (fake_score, lora.get("fake_score_rank", 0))):
+    trained = [(generator.denoiser, lora.get("generator_rank", 0)), (fake_score, lora.get("fake_score_rank", 0))]
+    trained = [(net, rank) for net, rank in trained if net is not None]
+    for net, rank in trained:
         if rank:
             require(hasattr(net.unet, "add_adapter"), f"LoRA needs a diffusers UNet; this teacher's "
                     f"network is a {type(net.unet).__name__}: set algorithm.lora ranks to 0.")
             add_lora(net.unet, rank, lora.get("alpha"))
     if cfg.get("gradient_checkpointing"):
-        for net in (generator.denoiser.unet, fake_score.unet):
-            require(hasattr(net, "enable_gradient_checkpointing"), "gradient_checkpointing needs a "
-                    f"diffusers UNet; this teacher's network is a {type(net).__name__}.")
-            net.enable_gradient_checkpointing()
-    reg = a.regression
+        for net, _ in trained:
+            require(hasattr(net.unet, "enable_gradient_checkpointing"), "gradient_checkpointing needs a "
+                    f"diffusers UNet; this teacher's network is a {type(net.unet).__name__}.")
+            net.unet.enable_gradient_checkpointing()
     pairs = distance = None
-    require(reg.weight <= 0 or teacher.pipeline_class is None,
-            "DMD's regression loss is not supported for text-to-image teachers (DMD2 drops it): "
-            "set algorithm.regression.weight=0.")
-    if reg.weight > 0:
+    if uses_pairs:
         pairs = pairs_for_config(cfg, teacher)
         distance = build_distance(reg.distance, reg.get("network"))
+    student = dict(lr_generator=o.lr_generator, betas=o.betas, weight_decay=o.weight_decay,
+                   warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=a.ema_decay,
+                   max_iterations=cfg.max_iterations, seed=cfg.seed)
+    if method == "kd":
+        return KDModule(teacher, generator, pairs, distance, batch_size=reg.batch_size, **student)
     return DMDModule(
         teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
-        lr_generator=o.lr_generator, lr_fake=o.lr_fake, betas=o.betas, weight_decay=o.weight_decay,
-        warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, dm_weight=a.dm_weight,
-        dm_t_range=a.dm_t_range, timestep_distribution=a.get("timestep_distribution", "uniform"),
+        lr_fake=o.lr_fake, dm_weight=a.dm_weight, dm_t_range=a.dm_t_range,
+        timestep_distribution=a.get("timestep_distribution", "uniform"),
         gan_generator_weight=a.gan.generator_weight,
         gan_discriminator_weight=a.gan.discriminator_weight, gan_t_range=a.gan.t_range,
         gan_balance=a.gan.balance, gan_reference_dim=a.gan.reference_dim,
         gan_grad_ratio=a.gan.grad_ratio,
         regression_weight=reg.weight, regression_pairs=pairs, regression_distance=distance,
-        regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation,
-        ema_decay=a.ema_decay, max_iterations=cfg.max_iterations, seed=cfg.seed)
+        regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation, **student)
 
 
 def rank_states(module: StudentModule) -> list[dict]:

@@ -66,8 +66,8 @@ MUTATIONS = [
              "metrics = self.evaluator(images, None if labels is None else (labels + 1) % 10, "
              "teacher.prompt_list(self.num_samples))"),
     Mutation("regression_target_misaligned", "regression targets misaligned with their noise (batch)",
-             "dmd/module.py", 'pairs["images"][idx].to(self.device)',
-             'pairs["images"][idx.roll(1)].to(self.device)'),
+             "dmd/regression_pairs.py", 'pairs["images"][idx].to(device)',
+             'pairs["images"][idx.roll(1)].to(device)'),
     Mutation("regression_pairs_misaligned", "regression pairs' noise not the teacher's input",
              "dmd/regression_pairs.py",
              'noise = stream_noise("regression-pairs", seed, num_pairs, teacher.sample_shape)',

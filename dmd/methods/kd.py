@@ -1,0 +1,55 @@
+"""Knowledge distillation (Luhman & Luhman 2021, "Knowledge distillation in iterative generative
+models for improved sampling speed"): a one-step student regressed onto the teacher's ODE
+solutions, noise z -> x = T(z, c), cached once (:mod:`dmd.regression_pairs`, the pairs DMD's
+regression term uses). The loss is the mean distance between G(z, c) and x (L2 by default; L1 in
+the paper for CIFAR-10, ``algorithm.regression.distance`` offers l2, lpips and the offline
+perceptual networks). Nothing else trains: no fake score, no real score at training time.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dmd.generator import Generator
+from dmd.losses import regression_loss
+from dmd.regression_pairs import pair_batch
+from dmd.student import StudentModule, optimized, trainable, warmup
+from dmd.teachers import Teacher
+
+
+class KDModule(StudentModule):
+    """One generator update per iteration on a random batch of cached teacher pairs."""
+
+    def __init__(self, teacher: Teacher, generator: Generator, pairs: dict, distance: nn.Module,
+                 batch_size: int = 64, **student):
+        super().__init__(teacher, generator, **student)
+        if generator.num_steps != 1:
+            raise ValueError("Knowledge distillation trains a one-step student on (noise, teacher "
+                             "sample) pairs: set algorithm.generator_timesteps to one timestep.")
+        self.pairs, self.distance, self.batch_size = pairs, distance, batch_size
+        if isinstance(distance, nn.Module):
+            distance.requires_grad_(False)
+
+    def frozen_networks(self) -> dict:
+        frozen = super().frozen_networks()
+        if isinstance(self.distance, nn.Module):
+            frozen["distance"] = self.distance
+        return frozen
+
+    def training_step(self, batch, batch_idx):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        noise, target, cond = pair_batch(self.pairs, self.batch_size, self.rng, self.device)
+        loss = regression_loss(self.generator(noise, cond), target, self.distance)
+        self._check_finite(loss, "generator")
+        logs = {"loss/regression": loss.detach(), "grad_norm/generator": self._step(opt, sched, loss),
+                "lr/generator": sched.get_last_lr()[0]}
+        if self.ema is not None:
+            self.ema.step(optimized(opt))
+        self.generator_steps += 1
+        self.log("loss_kd", logs["loss/regression"], prog_bar=True, logger=False)
+        self.finish_iteration(logs)
+        return None
+
+    def configure_optimizers(self):
+        opt = self.adamw(trainable(self.generator), self.lr_generator)
+        return [opt], [warmup(opt, self.warmup_steps)]
