@@ -31,7 +31,7 @@ def sample_timesteps(n: int, num_train_timesteps: int, device=None, low: float =
     ``distribution``: ``uniform`` in t (DMD, DMD2; on a flow table with a shift, sigma then
     follows the shifted table, as the teacher was trained), ``sigma`` (sigma uniform between
     its values at the range's ends, each draw mapped to the nearest timestep of ``schedule``)
-    or ``logit_normal`` (t / T = sigmoid(N(0, 1)) clamped to the range: SD3's training density,
+    or ``logit_normal`` (t / T = sigmoid(N(0, 1)), truncated to the range: SD3's training density,
     Esser et al. 2024, which diffusers' SD3 training script draws over the same table).
     """
     lo = int(low * num_train_timesteps)
@@ -41,8 +41,11 @@ def sample_timesteps(n: int, num_train_timesteps: int, device=None, low: float =
     on = generator.device if generator is not None else device
     if distribution == "uniform":
         t = torch.randint(lo, hi, (n,), generator=generator, device=on)
-    elif distribution == "logit_normal":
-        s = torch.sigmoid(torch.randn(n, generator=generator, device=on, dtype=torch.float64))
+    elif distribution == "logit_normal":  # truncated to the range by inverse CDF (no pile at its ends)
+        edges = torch.tensor([lo, hi], dtype=torch.float64, device=on) / num_train_timesteps
+        cdf = torch.special.ndtr(torch.logit(edges.clamp(1e-6, 1 - 1e-6)))
+        u = cdf[0] + torch.rand(n, generator=generator, device=on, dtype=torch.float64) * (cdf[1] - cdf[0])
+        s = torch.sigmoid(torch.special.ndtri(u))
         t = (s * num_train_timesteps).long().clamp(lo, hi - 1)
     elif distribution == "sigma":
         if schedule is None:
