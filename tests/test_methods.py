@@ -24,6 +24,7 @@ def _weights(run):
     return load_file(run / "generator" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_kd_resumes_exactly_and_releases_a_generator(cli, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cli("dmd.train", *TINY_KD, "max_iterations=13", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={straight}")
