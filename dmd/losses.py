@@ -4,6 +4,7 @@
   (on detached generator samples): an MSE in the network's own parameterisation (eps, v or
   x0), so its weighting over t is the one the teacher was trained with.
 - ``distribution_matching_loss``: DMD's generator loss, real score minus fake score.
+- ``sid_generator_loss``: Score identity Distillation's generator loss (same two scores).
 - ``gan_generator_loss`` / ``gan_discriminator_loss``: DMD2's non-saturating GAN losses on the
   logits of a head reading the fake score's bottleneck (see :mod:`dmd.gan`).
 - ``regression_loss``: DMD's loss on teacher noise -> image pairs (see :mod:`dmd.pairs`).
@@ -124,6 +125,36 @@ def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, unc
     loss = 0.5 * F.mse_loss(x, target)
     return loss, {"dm/grad_abs_mean": grad.abs().mean().detach(),
                   "dm/real_fake_gap": (x0_fake - x0_real).abs().mean().detach()}
+
+
+def sid_generator_loss(x: Tensor, real_score, fake_score, cond=None, uncond=None,
+                       guidance_scale: float = 1.0, alpha: float = 1.2, t: Tensor | None = None,
+                       eps: Tensor | None = None, t_range=(0.02, 0.98), generator=None,
+                       distribution: str = "uniform"):
+    """Score identity Distillation's generator loss (Zhou et al., ICML 2024) on samples ``x``.
+
+    With x_t the noised x, f_r the real score's x0 (with CFG) and f_f the fake score's, both at
+    x_t: sum over dimensions of (f_r - f_f) * ((f_r - x) - alpha * (f_r - f_f)) / w, with
+    w = stopgrad(mean |x - f_r|) per sample (>= 1e-5), averaged over the batch. Unlike DMD's, it
+    is differentiated through x_t into both score networks too (their weights do not move: the
+    real score is frozen and the fake score's gradients are cleared before its own step).
+    Returns (loss, logs).
+    """
+    schedule = real_score.schedule
+    with torch.no_grad():
+        if t is None:
+            t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range,
+                                 generator=generator, distribution=distribution, schedule=schedule)
+        if eps is None:
+            eps = randn_like(x, generator)
+    x_t = schedule.add_noise(x, eps, t)
+    f_r = guided_x0(real_score, x_t, t, cond, uncond, guidance_scale)
+    f_f = fake_score(x_t, t, cond)
+    dims = tuple(range(1, x.ndim))
+    w = (x - f_r).detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
+    gap = f_r - f_f
+    loss = (gap * ((f_r - x) - alpha * gap) / w).sum(dim=dims).mean()
+    return loss, {"sid/real_fake_gap": gap.detach().abs().mean()}
 
 
 def gan_generator_loss(logits_fake: Tensor) -> Tensor:

@@ -151,10 +151,7 @@ class DMDModule(StudentModule):
         x = self.generate(n, cond)
         norms = {}  # each weighted term's gradient w.r.t. the generator output, filled in backward
         x_dm = _watch(x, "dm", norms)
-        loss_dm, logs = distribution_matching_loss(
-            x_dm, self.real_score, self.fake_score, cond, self.teacher.null_condition(n, self.device),
-            self.guidance_scale, t_range=self.dm_t_range, generator=self.rng,
-            distribution=self.timestep_distribution)
+        loss_dm, logs = self.matching_loss(x_dm, cond)
         loss = self.dm_weight * loss_dm
         logs["loss/dm"] = loss_dm.detach()
         if self.gan_generator_weight > 0:
@@ -176,6 +173,14 @@ class DMDModule(StudentModule):
             self.ema.step(optimized(opt_g))
         self.generator_steps += 1
         return x.detach(), logs
+
+    def matching_loss(self, x, cond):
+        """The generator's score-matching term on samples ``x``: DMD's distribution matching
+        (subclasses change it, e.g. :class:`dmd.methods.sid.SiDModule`). Returns (loss, logs)."""
+        return distribution_matching_loss(
+            x, self.real_score, self.fake_score, cond, self.teacher.null_condition(x.shape[0], self.device),
+            self.guidance_scale, t_range=self.dm_t_range, generator=self.rng,
+            distribution=self.timestep_distribution)
 
     def fake_score_step(self, real, cond, x, opt_f, sched_f):
         """Update the fake score on generator samples (+ the GAN discriminator loss).

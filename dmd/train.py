@@ -35,6 +35,7 @@ from dmd.draw import sample_generator
 from dmd.files import read_results, update_results
 from dmd.generator import Generator, load_generator, save_generator
 from dmd.methods.kd import KDModule
+from dmd.methods.sid import SiDModule
 from dmd.metrics.evaluator import check_independent
 from dmd.module import DMDModule
 from dmd.provenance import run_provenance
@@ -86,7 +87,7 @@ def student_init(teacher: Teacher, init: str | None) -> Teacher:
 
 
 def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:
-    """The LightningModule of ``algorithm.method``: DMD/DMD2 or knowledge distillation."""
+    """The LightningModule of ``algorithm.method``: DMD/DMD2, knowledge distillation or SiD."""
     a, o = cfg.algorithm, cfg.optim
     method = a.get("method", "dmd")
     T = teacher.denoiser.schedule.num_train_timesteps
@@ -102,7 +103,7 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
             "supported for text-to-image teachers (DMD2 drops the regression): set "
             "algorithm.regression.weight=0, or use algorithm=dmd2.")
     generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps)
-    fake_score = copy_denoiser(init.denoiser) if method == "dmd" else None  # KD has no fake score
+    fake_score = copy_denoiser(init.denoiser) if method != "kd" else None  # KD has no fake score
     lora = a.get("lora") or {}
     trained = [(generator.denoiser, lora.get("generator_rank", 0)), (fake_score, lora.get("fake_score_rank", 0))]
     trained = [(net, rank) for net, rank in trained if net is not None]
@@ -125,7 +126,10 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
                    max_iterations=cfg.max_iterations, seed=cfg.seed)
     if method == "kd":
         return KDModule(teacher, generator, pairs, distance, batch_size=reg.batch_size, **student)
-    return DMDModule(
+    module, extra = DMDModule, {}
+    if method == "sid":
+        module, extra = SiDModule, {"alpha": a.sid.alpha}
+    return module(
         teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
         lr_fake=o.lr_fake, dm_weight=a.dm_weight, dm_t_range=a.dm_t_range,
         timestep_distribution=a.get("timestep_distribution", "uniform"),
@@ -134,7 +138,7 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
         gan_balance=a.gan.balance, gan_reference_dim=a.gan.reference_dim,
         gan_grad_ratio=a.gan.grad_ratio,
         regression_weight=reg.weight, regression_pairs=pairs, regression_distance=distance,
-        regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation, **student)
+        regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation, **student, **extra)
 
 
 def rank_states(module: StudentModule) -> list[dict]:

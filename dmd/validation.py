@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dmd.losses import TIMESTEP_DISTRIBUTIONS
 
-METHODS = ("dmd", "kd")  # algorithm.method: dmd.module.DMDModule, dmd.methods.kd.KDModule
+METHODS = ("dmd", "kd", "sid")  # algorithm.method: dmd.module.DMDModule, dmd.methods.{kd,sid}
 
 _MISSING = object()
 
@@ -113,7 +113,7 @@ TRAIN = [
     ("algorithm.ttur_ratio", whole(1)), ("algorithm.guidance_scale", number(0)),
     ("algorithm.generator_timesteps", whole_list(0)), ("algorithm.dm_weight", number(0)),
     ("algorithm.dm_t_range", fraction_range()),
-    ("algorithm.method", one_of(*METHODS)),
+    ("algorithm.method", one_of(*METHODS)), ("algorithm.sid.alpha", number(0, optional=True)),
     ("algorithm.timestep_distribution", one_of(*TIMESTEP_DISTRIBUTIONS)),
     ("algorithm.ema_decay", number(0, 1, hi_open=True, optional=True)),
     ("algorithm.backward_simulation", one_of(True, False)),
@@ -177,7 +177,7 @@ def cross_problems(cfg: DictConfig, task: str) -> list[str]:
     if method == "kd" and len(a.get("generator_timesteps") or []) != 1:
         found.append(f"algorithm.generator_timesteps={list(a.generator_timesteps)}: knowledge distillation "
                      "trains a one-step student (give one timestep, e.g. [999])")
-    if method == "dmd":
+    if method in ("dmd", "sid"):
         weights = {"algorithm.dm_weight": a.get("dm_weight"), "algorithm.gan.generator_weight":
                    OmegaConf.select(a, "gan.generator_weight"), "algorithm.regression.weight":
                    OmegaConf.select(a, "regression.weight")}
