@@ -98,6 +98,17 @@ def dm_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     return torch.nan_to_num((x0_fake - x0_real) / weight, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+@torch.no_grad()
+def _noise_draw(x: Tensor, schedule, t, eps, t_range, generator, distribution: str):
+    """(t, eps) where a generator loss noises ``x``: the given ones, else drawn (t first)."""
+    if t is None:
+        t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range,
+                             generator=generator, distribution=distribution, schedule=schedule)
+    if eps is None:
+        eps = randn_like(x, generator)
+    return t, eps
+
+
 def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, uncond=None,
                                guidance_scale: float = 1.0, t: Tensor | None = None,
                                eps: Tensor | None = None, t_range=(0.02, 0.98), generator=None,
@@ -111,11 +122,7 @@ def distribution_matching_loss(x: Tensor, real_score, fake_score, cond=None, unc
     """
     schedule = real_score.schedule
     with torch.no_grad():
-        if t is None:
-            t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range,
-                                 generator=generator, distribution=distribution, schedule=schedule)
-        if eps is None:
-            eps = randn_like(x, generator)
+        t, eps = _noise_draw(x, schedule, t, eps, t_range, generator, distribution)
         x_t = schedule.add_noise(x, eps, t)
         # x0 predictions in float64: the difference of two close predictions is the signal.
         x0_real = guided_x0(real_score, x_t, t, cond, uncond, guidance_scale).double()
@@ -141,12 +148,7 @@ def sid_generator_loss(x: Tensor, real_score, fake_score, cond=None, uncond=None
     Returns (loss, logs).
     """
     schedule = real_score.schedule
-    with torch.no_grad():
-        if t is None:
-            t = sample_timesteps(x.shape[0], schedule.num_train_timesteps, x.device, *t_range,
-                                 generator=generator, distribution=distribution, schedule=schedule)
-        if eps is None:
-            eps = randn_like(x, generator)
+    t, eps = _noise_draw(x, schedule, t, eps, t_range, generator, distribution)
     x_t = schedule.add_noise(x, eps, t)
     f_r = guided_x0(real_score, x_t, t, cond, uncond, guidance_scale)
     f_f = fake_score(x_t, t, cond)
