@@ -51,8 +51,7 @@ def sample_timesteps(n: int, num_train_timesteps: int, device=None, low: float =
     elif distribution == "sigma":
         if schedule is None:
             raise ValueError("distribution='sigma' needs the schedule (its sigma table).")
-        table = schedule.alpha_sigma(torch.arange(num_train_timesteps), torch.zeros(num_train_timesteps, 1))[1]
-        table = table.flatten().to(on)  # increasing in t for VP and flow schedules
+        table = schedule.sigma_table().to(on)  # increasing in t for VP and flow schedules
         u = torch.rand(n, generator=generator, device=on, dtype=table.dtype)
         target = table[lo] + u * (table[hi - 1] - table[lo])
         right = torch.searchsorted(table, target).clamp(1, num_train_timesteps - 1)

@@ -73,7 +73,7 @@ class DMDModule(StudentModule):
                  backward_simulation: bool = True, ema_decay: float | None = None,
                  max_iterations: int | None = None, seed: int = 0):
         super().__init__(teacher, generator, lr_generator, betas, weight_decay, warmup_steps, grad_clip,
-                         ema_decay, max_iterations, seed)
+                         ema_decay, max_iterations, seed, regression_distance)
         if ttur_ratio < 1:
             raise ValueError(f"ttur_ratio must be >= 1, got {ttur_ratio}.")
         if regression_weight > 0 and (regression_pairs is None or regression_distance is None):
@@ -99,22 +99,14 @@ class DMDModule(StudentModule):
                            "dimension": gan_generator_weight * gan_reference_dim / dim}[gan_balance]
         self.use_gan = gan_generator_weight > 0 or gan_discriminator_weight > 0
         self.gan_head = DiscriminatorHead.for_network(fake_score.unet) if self.use_gan else None
-        self.regression_weight, self.regression_distance = regression_weight, regression_distance
+        self.regression_weight = regression_weight
         self.regression_pairs = regression_pairs or {}
         self.regression_batch_size = regression_batch_size
-        if isinstance(regression_distance, nn.Module):
-            regression_distance.requires_grad_(False)
         self.backward_simulation = backward_simulation
 
     def other_trained_networks(self) -> list:
         head = self.gan_head.net if self.gan_head is not None else None  # its layers: FSDP wants
         return [self.fake_score, head]  # no view outputs
-
-    def frozen_networks(self) -> dict:
-        frozen = super().frozen_networks()
-        if isinstance(self.regression_distance, nn.Module):
-            frozen["regression_distance"] = self.regression_distance
-        return frozen
 
     def on_fit_start(self):
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -52,6 +52,13 @@ class Schedule(nn.Module):
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def sigma_table(self) -> Tensor:
+        """sigma_t at every integer timestep (host, compute dtype), computed once."""
+        if getattr(self, "_sigma_table", None) is None:
+            T = self.num_train_timesteps
+            self._sigma_table = self.alpha_sigma(torch.arange(T), torch.zeros(T, 1))[1].flatten().cpu()
+        return self._sigma_table
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Forward process q(x_t | x0): alpha_t * x0 + sigma_t * eps (returned in x0's dtype)."""
         a, s = self.alpha_sigma(t, x0)

@@ -59,12 +59,17 @@ class StudentModule(pl.LightningModule):
     def __init__(self, teacher: Teacher, generator: Generator, lr_generator: float = 1e-5,
                  betas=(0.9, 0.999), weight_decay: float = 0.01, warmup_steps: int = 0,
                  grad_clip: float = 10.0, ema_decay: float | None = None,
-                 max_iterations: int | None = None, seed: int = 0):
+                 max_iterations: int | None = None, seed: int = 0,
+                 regression_distance: nn.Module | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.teacher = teacher
         self.real_score = teacher.denoiser.requires_grad_(False).eval()
         self.generator = generator
+        # The distance of regressions on teacher pairs (DMD's term, KD's loss): frozen, not checkpointed.
+        self.regression_distance = regression_distance
+        if isinstance(regression_distance, nn.Module):
+            regression_distance.requires_grad_(False)
         self.lr_generator, self.betas = lr_generator, tuple(betas)
         self.weight_decay, self.warmup_steps, self.grad_clip = weight_decay, warmup_steps, grad_clip
         self.seed, self.max_iterations = seed, max_iterations
@@ -83,7 +88,10 @@ class StudentModule(pl.LightningModule):
 
     def frozen_networks(self) -> dict:
         """Submodules that are not trained state: never checkpointed, rebuilt from the config."""
-        return {"real_score": self.real_score}
+        frozen = {"real_score": self.real_score}
+        if isinstance(self.regression_distance, nn.Module):
+            frozen["regression_distance"] = self.regression_distance
+        return frozen
 
     def adamw(self, params, lr: float):
         return torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)

@@ -22,24 +22,16 @@ class KDModule(StudentModule):
 
     def __init__(self, teacher: Teacher, generator: Generator, pairs: dict, distance: nn.Module,
                  batch_size: int = 64, **student):
-        super().__init__(teacher, generator, **student)
+        super().__init__(teacher, generator, regression_distance=distance, **student)
         if generator.num_steps != 1:
             raise ValueError("Knowledge distillation trains a one-step student on (noise, teacher "
                              "sample) pairs: set algorithm.generator_timesteps to one timestep.")
-        self.pairs, self.distance, self.batch_size = pairs, distance, batch_size
-        if isinstance(distance, nn.Module):
-            distance.requires_grad_(False)
-
-    def frozen_networks(self) -> dict:
-        frozen = super().frozen_networks()
-        if isinstance(self.distance, nn.Module):
-            frozen["distance"] = self.distance
-        return frozen
+        self.pairs, self.batch_size = pairs, batch_size
 
     def training_step(self, batch, batch_idx):
         opt, sched = self.optimizers(), self.lr_schedulers()
         noise, target, cond = pair_batch(self.pairs, self.batch_size, self.rng, self.device)
-        loss = regression_loss(self.generator(noise, cond), target, self.distance)
+        loss = regression_loss(self.generator(noise, cond), target, self.regression_distance)
         self._check_finite(loss, "generator")
         logs = {"loss/regression": loss.detach(), "grad_norm/generator": self._step(opt, sched, loss),
                 "lr/generator": sched.get_last_lr()[0]}

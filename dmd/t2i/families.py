@@ -22,10 +22,6 @@ class Family:
     scheduler_class: str            # what the pipeline folder's scheduler/ holds
     flow: bool = False              # flow matching (FlowMatchEulerDiscreteScheduler)
 
-    @property
-    def transformer(self) -> bool:
-        return self.network_subfolder == "transformer"
-
     def model_index(self) -> dict:
         """model_index.json of a pipeline folder of this family (no optional image encoders)."""
         index = {"_class_name": self.pipeline_class, "_diffusers_version": "0.30.0",

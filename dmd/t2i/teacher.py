@@ -41,11 +41,15 @@ class TextToImageTeacher(Teacher):
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     path: str = ""                     # the pipeline folder or hub id (generators copy its parts)
     kind: str = "sd15"                 # the family: sd15 | sdxl | sd3 | flux
-    guidance: float | None = None      # guidance-distilled Flux: the guidance its network takes as input
     _prompt_conditions: dict = field(default=None, repr=False)  # self.prompts encoded, once
 
     def condition(self, batch_condition):
         return batch_condition
+
+    @property
+    def guidance(self) -> float | None:
+        """Guidance-distilled Flux: the guidance its network takes as input (None otherwise)."""
+        return getattr(self.denoiser, "guidance", None)
 
     @property
     def family(self) -> Family:
@@ -167,7 +171,7 @@ def load_text_to_image_teacher(path: str, dtype: str = "float32", prompts: list[
     shape = (vae.config.latent_channels, size // factor, size // factor)
     return TextToImageTeacher(denoiser, shape, 0, scheduler, vae=_freeze(vae), prompt_encoder=encoder,
                               null=encoder.null_condition(), prompts=list(prompts or DEFAULT_PROMPTS),
-                              path=str(path), kind=family.name, guidance=getattr(denoiser, "guidance", None))
+                              path=str(path), kind=family.name)
 
 
 def _load_network(path: str, family: Family, dtype: torch.dtype):

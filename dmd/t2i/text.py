@@ -31,12 +31,9 @@ class PromptEncoder:
     """Tokenizer(s) + frozen text encoder(s) of a pipeline, answering conditions on the CPU
     (float32) for a list of prompts, in the keyword arguments of the family's network."""
 
-    def __init__(self, tokenizers, text_encoders, image_size: int, family: str | None = None,
-                 zeros_for_empty_prompt: bool | None = None):
+    def __init__(self, tokenizers, text_encoders, image_size: int, family: str):
         self.tokenizers, self.text_encoders = list(tokenizers), [e.requires_grad_(False).eval() for e in text_encoders]
-        self.family = family or ("sdxl" if len(self.text_encoders) == 2 else "sd15")
-        self.image_size = image_size
-        self.zeros_for_empty_prompt = (self.family == "sdxl") if zeros_for_empty_prompt is None else zeros_for_empty_prompt
+        self.family, self.image_size = family, image_size
 
     @classmethod
     def from_pretrained(cls, path: str, image_size: int, dtype: torch.dtype = torch.float32) -> PromptEncoder:
@@ -119,7 +116,7 @@ class PromptEncoder:
         """The batch-1 condition CFG subtracts: the empty prompt's embedding (SD1.5, SD3 and
         Flux encode the empty negative prompt), or zeros (SDXL's force_zeros_for_empty_prompt)."""
         cond = self([""])
-        if self.zeros_for_empty_prompt:
+        if self.family == "sdxl":
             cond = {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
                     "added_cond_kwargs": {"text_embeds": torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"]),
                                           "time_ids": cond["added_cond_kwargs"]["time_ids"]}}
