@@ -3,7 +3,10 @@
 A generator maps pure noise z ~ N(0, I) (and a condition) to a sample. Step k evaluates the
 denoiser at timestep ``timesteps[k]``: the first step on z itself (one-step SDXL in DMD2 uses
 t = 399 with pure-noise input; t < T-1 keeps x0 better conditioned), every later step on its
-previous x0 prediction re-noised to ``timesteps[k]`` with fresh noise.
+previous x0 prediction taken to ``timesteps[k]``: by ``sampling="fresh"`` re-noising with fresh
+noise (DMD2's multi-step generator, consistency models' multistep sampling), by
+``sampling="ddim"`` a deterministic DDIM step that reuses the previous input's implied noise
+(progressive distillation's students, which are trained to match DDIM steps).
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from torch import Tensor, nn
 
 from dmd.files import atomic_folder
 
+SAMPLINGS = ("fresh", "ddim")
+
 
 class Generator(nn.Module):
-    def __init__(self, denoiser: nn.Module, timesteps=(999,)):
+    def __init__(self, denoiser: nn.Module, timesteps=(999,), sampling: str = "fresh"):
         super().__init__()
         timesteps = [int(t) for t in timesteps]
         if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
             raise ValueError(f"timesteps must be a non-empty decreasing list, got {timesteps}.")
-        self.denoiser, self.timesteps = denoiser, timesteps
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
+        self.denoiser, self.timesteps, self.sampling = denoiser, timesteps, sampling
 
     @property
     def num_steps(self) -> int:
@@ -41,12 +48,27 @@ class Generator(nn.Module):
         t = torch.full((x0.shape[0],), self.timesteps[k], device=x0.device, dtype=torch.long)
         return self.denoiser.schedule.add_noise(x0, eps, t)
 
+    def ddim_input(self, x_prev: Tensor, x0: Tensor, k: int) -> Tensor:
+        """Input of step k by DDIM (eta = 0) from step k-1's input and its x0 prediction."""
+        schedule, batch = self.denoiser.schedule, x0.shape[0]
+        a, s = schedule.alpha_sigma(torch.full((batch,), self.timesteps[k - 1], device=x0.device), x0)
+        a_k, s_k = schedule.alpha_sigma(torch.full((batch,), self.timesteps[k], device=x0.device), x0)
+        eps = (x_prev.to(a.dtype) - a * x0.to(a.dtype)) / s
+        return (a_k * x0.to(a.dtype) + s_k * eps).to(x0.dtype)
+
+    def next_input(self, x_prev: Tensor, x0: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """Input of step k from step k-1's input and x0 prediction (see ``sampling``)."""
+        if self.sampling == "ddim":
+            return self.ddim_input(x_prev, x0, k)
+        return self.renoise(x0, k, generator)
+
     def forward(self, noise: Tensor, cond=None, num_steps: int | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
         """Run the first ``num_steps`` steps (all by default) from pure noise."""
-        x0 = self.step(noise, 0, cond)
+        x_t, x0 = noise, self.step(noise, 0, cond)
         for k in range(1, num_steps or self.num_steps):
-            x0 = self.step(self.renoise(x0, k, generator), k, cond)
+            x_t = self.next_input(x_t, x0, k, generator)
+            x0 = self.step(x_t, k, cond)
         return x0
 
     def backward_simulation(self, noise: Tensor, cond, k: int,
@@ -58,6 +80,9 @@ class Generator(nn.Module):
         """
         if k == 0:
             return self.step(noise, 0, cond)
+        if self.sampling != "fresh":
+            raise ValueError("Backward simulation is DMD2's, for generators sampled by re-noising "
+                             "(sampling='fresh').")
         with torch.no_grad():
             x0 = self.forward(noise, cond, num_steps=k, generator=generator)
         return self.step(self.renoise(x0, k, generator), k, cond)
@@ -88,9 +113,10 @@ def save_generator(generator: Generator, teacher, folder: str | Path) -> Path:
             save_lora(unet, tmp, teacher.pipeline_class, teacher.network_subfolder)
             unet = fused_copy(unet)
         unet.save_pretrained(tmp / teacher.network_subfolder)
-        released_scheduler(teacher.scheduler, generator.denoiser.schedule).save_pretrained(tmp / "scheduler")
+        released_scheduler(teacher.scheduler, generator.denoiser.schedule,
+                           stochastic=generator.sampling == "fresh").save_pretrained(tmp / "scheduler")
         teacher.save_components(tmp)
-        meta = {"timesteps": generator.timesteps, "num_classes": teacher.num_classes,
+        meta = {"timesteps": generator.timesteps, "sampling": generator.sampling, "num_classes": teacher.num_classes,
                 "sample_shape": list(teacher.sample_shape), "text_to_image": teacher.pipeline_class is not None}
         if meta["text_to_image"]:  # the size it was trained at (Flux networks do not record one)
             meta["image_size"] = teacher.image_shape[-1]
@@ -106,15 +132,16 @@ def is_flow_scheduler(scheduler) -> bool:
     return "FlowMatch" in type(scheduler).__name__
 
 
-def released_scheduler(scheduler, schedule):
+def released_scheduler(scheduler, schedule, stochastic: bool = True):
     """The scheduler saved with a generator. A flow-matching one samples the generator as dmd
     does: ``stochastic_sampling`` (each step's x0 re-noised with fresh noise, DMD2's multi-step
     sampling; one step is the same either way), and a fixed shift (a resolution-dependent one,
     Flux's, becomes the fixed shift of ``schedule``, the table the generator was trained on), so
-    that the ``sigmas`` in generator.json reach the network as the generator's timesteps."""
+    that the ``sigmas`` in generator.json reach the network as the generator's timesteps. A
+    generator sampled by DDIM steps (``stochastic=False``) keeps the deterministic Euler step."""
     if not is_flow_scheduler(scheduler):
         return scheduler
-    config = dict(scheduler.config, stochastic_sampling=True)
+    config = dict(scheduler.config, stochastic_sampling=stochastic)
     if config.get("use_dynamic_shifting"):
         config.update(use_dynamic_shifting=False, shift=schedule.shift)
     return type(scheduler).from_config(config)
@@ -155,4 +182,4 @@ def load_generator(path: str | Path):
         info = load_text_to_image_teacher(str(folder), **kwargs)  # guidance: a distilled Flux's input
     else:
         info = load_teacher(str(folder))
-    return Generator(info.denoiser, meta["timesteps"]), info
+    return Generator(info.denoiser, meta["timesteps"], meta.get("sampling", "fresh")), info

@@ -173,3 +173,26 @@ def regression_loss(x: Tensor, x_teacher: Tensor, distance) -> Tensor:
     outputs for the same noise (and condition). ``distance`` maps two batches to per-sample
     distances (L2, LPIPS or a feature distance; see :mod:`dmd.distances`)."""
     return distance(x, x_teacher).mean()
+
+
+CONSISTENCY_DISTANCES = ("l2", "pseudo_huber")
+
+
+def consistency_loss(prediction: Tensor, target: Tensor, distance: str = "l2", huber_c: float = 1e-3) -> Tensor:
+    """Consistency distillation's loss between the student's output at t_{n+k} and the target
+    network's at the teacher's ODE step t_n: the mean squared error (Song et al. 2023, ``l2``) or
+    LCM's elementwise pseudo-Huber sqrt(d^2 + c^2) - c (Luo et al. 2023; c = 0.001)."""
+    diff = prediction.float() - target.float()
+    if distance == "l2":
+        return diff.square().mean()
+    if distance == "pseudo_huber":
+        return ((diff.square() + huber_c**2).sqrt() - huber_c).mean()
+    raise ValueError(f"Unknown consistency distance {distance!r}; choose one of {CONSISTENCY_DISTANCES}.")
+
+
+def truncated_snr_loss(prediction: Tensor, target: Tensor, snr: Tensor) -> Tensor:
+    """Progressive distillation's loss (Salimans & Ho 2022): the squared error of the x0
+    prediction weighted by max(SNR(t), 1) ("truncated SNR"), per sample; ``snr`` has one value
+    per sample."""
+    per_sample = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+    return (snr.float().clamp(min=1.0) * per_sample).mean()

@@ -117,12 +117,7 @@ class DMDModule(StudentModule):
         super().on_fit_start()
 
     def training_step(self, batch, batch_idx):
-        real, labels = batch
-        if tuple(real.shape[1:]) != tuple(self.teacher.sample_shape):
-            raise ValueError(f"The data's samples have shape {tuple(real.shape[1:])}, the teacher's "
-                             f"{tuple(self.teacher.sample_shape)}: match the data's resolution "
-                             "(e.g. data.image_size) to the teacher's.")
-        cond = self.teacher.condition(labels)  # class labels, text embeddings or None
+        real, cond = self.data_batch(batch)
         opt_g, opt_f = self.optimizers()
         sched_g, sched_f = self.lr_schedulers()
         logs = {}

@@ -68,6 +68,21 @@ def sample_ode(
     return x.to(noise.dtype)
 
 
+def ode_step(x: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, schedule) -> Tensor:
+    """One Euler (= DDIM, eta 0) step of the probability-flow ODE from timesteps ``t`` to
+    ``t_next`` (per sample; ``t_next < 0`` is the data, where the step lands on ``x0``), given the
+    (guided) x0 prediction at (x, t). The step of :func:`sample_ode`, for a batch whose samples
+    sit at different timesteps (consistency and progressive distillation's teacher steps)."""
+    a, s = schedule.ode_coordinates(t, x)
+    to_data = t_next < 0
+    a_n, s_n = schedule.ode_coordinates(t_next.clamp(min=0), x)
+    y = x.to(a.dtype) / a
+    d = x0.to(a.dtype)
+    y_next = y + (s_n - s) * (y - d) / s
+    x_next = torch.where(to_data.reshape(-1, *[1] * (x.ndim - 1)), d, a_n * y_next)
+    return x_next.to(x.dtype)
+
+
 def sample(denoiser, noise, cond=None, uncond=None, name="ddim", steps=25, guidance_scale=1.0,
            spacing="karras", progress=False):
     """Dispatch by sampler name: ``ddim`` / ``euler`` (first order) or ``heun`` (second order)."""

@@ -139,6 +139,15 @@ class StudentModule(pl.LightningModule):
             return -1
         return None
 
+    def data_batch(self, batch):
+        """(samples, condition) of a data batch, checked against the teacher's sample shape."""
+        real, labels = batch
+        if tuple(real.shape[1:]) != tuple(self.teacher.sample_shape):
+            raise ValueError(f"The data's samples have shape {tuple(real.shape[1:])}, the teacher's "
+                             f"{tuple(self.teacher.sample_shape)}: match the data's resolution "
+                             "(e.g. data.image_size) to the teacher's.")
+        return real, self.teacher.condition(labels)  # class labels, text embeddings or None
+
     def noise(self, n: int):
         """Pure noise z ~ N(0, I) from the module's random stream."""
         return torch.randn(n, *self.teacher.sample_shape, generator=self.rng).to(self.device)
@@ -160,6 +169,24 @@ class StudentModule(pl.LightningModule):
         optimizer.step()
         scheduler.step()
         return norm
+
+    def generator_update(self, loss, name: str) -> dict:
+        """One step of the generator's optimiser on a method's single loss (KD, CD, PD) and of its
+        EMA; returns the step's logs (``loss/<name>``, gradient norm, learning rate)."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        self._check_finite(loss, name)
+        logs = {f"loss/{name}": loss.detach(), "grad_norm/generator": self._step(opt, sched, loss),
+                "lr/generator": sched.get_last_lr()[0]}
+        if self.ema is not None:
+            self.ema.step(optimized(opt))
+        self.generator_steps += 1
+        self.log(f"loss_{name}", logs[f"loss/{name}"], prog_bar=True, logger=False)
+        return logs
+
+    def configure_optimizers(self):
+        """The generator's optimiser with linear warm-up (methods that train nothing else)."""
+        opt = self.adamw(trainable(self.generator), self.lr_generator)
+        return [opt], [warmup(opt, self.warmup_steps)]
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["dmd_counters"] = {"iteration": self.iteration,

@@ -30,11 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmd.callbacks.checkpoint import checkpoint_iteration, previous_save
 from dmd.callbacks.evaluation import EvaluationCallback
+from dmd.callbacks.rounds import RoundReleases
 from dmd.distances import build_distance, digest
 from dmd.draw import sample_generator
 from dmd.files import read_results, update_results
 from dmd.generator import Generator, load_generator, save_generator
+from dmd.methods.cd import CDModule
 from dmd.methods.kd import KDModule
+from dmd.methods.pd import PDModule
 from dmd.methods.sid import SiDModule
 from dmd.metrics.evaluator import check_independent
 from dmd.module import DMDModule
@@ -87,7 +90,8 @@ def student_init(teacher: Teacher, init: str | None) -> Teacher:
 
 
 def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:
-    """The LightningModule of ``algorithm.method``: DMD/DMD2, knowledge distillation or SiD."""
+    """The LightningModule of ``algorithm.method``: DMD/DMD2, SiD, knowledge, consistency or
+    progressive distillation."""
     a, o = cfg.algorithm, cfg.optim
     method = a.get("method", "dmd")
     T = teacher.denoiser.schedule.num_train_timesteps
@@ -102,8 +106,9 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
             "Teacher noise -> image pairs (DMD's regression loss, knowledge distillation) are not "
             "supported for text-to-image teachers (DMD2 drops the regression): set "
             "algorithm.regression.weight=0, or use algorithm=dmd2.")
-    generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps)
-    fake_score = copy_denoiser(init.denoiser) if method != "kd" else None  # KD has no fake score
+    generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps,
+                          sampling="ddim" if method == "pd" else "fresh")  # PD's students take DDIM steps
+    fake_score = copy_denoiser(init.denoiser) if method in ("dmd", "sid") else None  # the others have none
     lora = a.get("lora") or {}
     trained = [(generator.denoiser, lora.get("generator_rank", 0)), (fake_score, lora.get("fake_score_rank", 0))]
     trained = [(net, rank) for net, rank in trained if net is not None]
@@ -126,6 +131,10 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
                    max_iterations=cfg.max_iterations, seed=cfg.seed)
     if method == "kd":
         return KDModule(teacher, generator, pairs, distance, batch_size=reg.batch_size, **student)
+    if method == "cd":
+        return CDModule(teacher, generator, guidance_scale=a.guidance_scale, **a.cd, **student)
+    if method == "pd":
+        return PDModule(teacher, generator, guidance_scale=a.guidance_scale, **a.pd, **student)
     module, extra = DMDModule, {}
     if method == "sid":
         module, extra = SiDModule, {"alpha": a.sid.alpha}
@@ -215,6 +224,8 @@ def _train(cfg: DictConfig, out_dir: Path, resume: dict | None, started: float) 
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, teacher, init)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.callbacks else []
+    if isinstance(module, PDModule):  # every round's student, beside the final generator/
+        callbacks.insert(0, RoundReleases(init, out_dir / "rounds"))
     trainer = build_trainer(cfg, out_dir, callbacks)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     if resume is not None and trainer.is_global_zero:  # which iterations ran under which settings

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dmd.losses import TIMESTEP_DISTRIBUTIONS
+from dmd.losses import CONSISTENCY_DISTANCES, TIMESTEP_DISTRIBUTIONS
+from dmd.methods.cd import grid_problems
+from dmd.methods.pd import plan_problems
 
-METHODS = ("dmd", "kd", "sid")  # algorithm.method: dmd.module.DMDModule, dmd.methods.{kd,sid}
+METHODS = ("dmd", "kd", "sid", "cd", "pd")  # algorithm.method: dmd.module.DMDModule, dmd.methods.*
 
 _MISSING = object()
 
@@ -114,6 +116,9 @@ TRAIN = [
     ("algorithm.generator_timesteps", whole_list(0)), ("algorithm.dm_weight", number(0)),
     ("algorithm.dm_t_range", fraction_range()),
     ("algorithm.method", one_of(*METHODS)), ("algorithm.sid.alpha", number(0, optional=True)),
+    ("algorithm.cd.num_ode_steps", whole(1)), ("algorithm.cd.target_decay", number(0, 1, hi_open=True)),
+    ("algorithm.cd.distance", one_of(*CONSISTENCY_DISTANCES)), ("algorithm.cd.huber_c", number(0, lo_open=True)),
+    ("algorithm.pd.start_steps", whole(2)),
     ("algorithm.timestep_distribution", one_of(*TIMESTEP_DISTRIBUTIONS)),
     ("algorithm.ema_decay", number(0, 1, hi_open=True, optional=True)),
     ("algorithm.backward_simulation", one_of(True, False)),
@@ -169,6 +174,12 @@ def problems(cfg: DictConfig, rules) -> list[str]:
     return found
 
 
+def _training_length(cfg: DictConfig):
+    """max_iterations as dmd.train will set it (generator_steps * TTUR ratio when given)."""
+    steps, ratio = cfg.get("generator_steps"), OmegaConf.select(cfg, "algorithm.ttur_ratio")
+    return steps * ratio if _is_int(steps) and _is_int(ratio) else cfg.get("max_iterations")
+
+
 def cross_problems(cfg: DictConfig, task: str) -> list[str]:
     """Values fine alone but not together."""
     found = []
@@ -177,6 +188,12 @@ def cross_problems(cfg: DictConfig, task: str) -> list[str]:
     if method == "kd" and len(a.get("generator_timesteps") or []) != 1:
         found.append(f"algorithm.generator_timesteps={list(a.generator_timesteps)}: knowledge distillation "
                      "trains a one-step student (give one timestep, e.g. [999])")
+    timesteps = _plain(a.get("generator_timesteps")) if a is not None else None
+    planned = isinstance(timesteps, list) and timesteps and all(_is_int(t) for t in timesteps)
+    if method == "cd" and planned and _is_int(OmegaConf.select(a, "cd.num_ode_steps")):
+        found += grid_problems(timesteps, a.cd.num_ode_steps)
+    if method == "pd" and planned and _is_int(OmegaConf.select(a, "pd.start_steps")):
+        found += plan_problems(timesteps, a.pd.start_steps, _training_length(cfg))
     if method in ("dmd", "sid"):
         weights = {"algorithm.dm_weight": a.get("dm_weight"), "algorithm.gan.generator_weight":
                    OmegaConf.select(a, "gan.generator_weight"), "algorithm.regression.weight":

@@ -13,7 +13,7 @@ from torch import nn
 from dmd.generator import Generator
 from dmd.losses import regression_loss
 from dmd.regression_pairs import pair_batch
-from dmd.student import StudentModule, optimized, trainable, warmup
+from dmd.student import StudentModule
 from dmd.teachers import Teacher
 
 
@@ -29,19 +29,7 @@ class KDModule(StudentModule):
         self.pairs, self.batch_size = pairs, batch_size
 
     def training_step(self, batch, batch_idx):
-        opt, sched = self.optimizers(), self.lr_schedulers()
         noise, target, cond = pair_batch(self.pairs, self.batch_size, self.rng, self.device)
         loss = regression_loss(self.generator(noise, cond), target, self.regression_distance)
-        self._check_finite(loss, "generator")
-        logs = {"loss/regression": loss.detach(), "grad_norm/generator": self._step(opt, sched, loss),
-                "lr/generator": sched.get_last_lr()[0]}
-        if self.ema is not None:
-            self.ema.step(optimized(opt))
-        self.generator_steps += 1
-        self.log("loss_kd", logs["loss/regression"], prog_bar=True, logger=False)
-        self.finish_iteration(logs)
+        self.finish_iteration(self.generator_update(loss, "regression"))
         return None
-
-    def configure_optimizers(self):
-        opt = self.adamw(trainable(self.generator), self.lr_generator)
-        return [opt], [warmup(opt, self.warmup_steps)]
