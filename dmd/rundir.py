@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -101,14 +102,26 @@ def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def refused_changes(changes: dict, allowed=()) -> list[str]:
-    """The changes a resume may not make, as ``key: old -> new`` lines."""
+def _limit(value) -> float:
+    """A length setting as a number (-1, Lightning's "no limit", and unset: unlimited)."""
+    return math.inf if value is None or value == -1 or not isinstance(value, (int, float)) else value
+
+
+def planned_lengths(cfg: DictConfig) -> tuple[str, ...]:
+    """Length settings that are part of what a run trains: progressive distillation splits
+    max_iterations into its rounds (a longer resume would change every round's length)."""
+    return ("max_iterations", "generator_steps") if OmegaConf.select(cfg, "algorithm.method") == "pd" else ()
+
+
+def refused_changes(changes: dict, allowed=(), planned=()) -> list[str]:
+    """The changes a resume may not make, as ``key: old -> new`` lines (``planned``: lengths that
+    are not operational in this run)."""
     bad = []
     for key, (old, new) in changes.items():
         if _under(key, allowed):
             continue
-        shorter = key in LENGTHS and isinstance(old, (int, float)) and isinstance(new, (int, float)) and new < old
-        if shorter or not _under(key, OPERATIONAL):
+        shorter = key in LENGTHS and _limit(new) < _limit(old)
+        if shorter or key in planned or not _under(key, OPERATIONAL):
             bad.append(f"{key}: {old!r} -> {new!r}" + (" (shorter than recorded)" if shorter else ""))
     return bad
 
@@ -171,7 +184,7 @@ def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, start
     changes = config_changes(old, OmegaConf.to_container(cfg, resolve=True))
     if not started:  # nothing was trained there yet: nothing for the new settings to contradict
         return changes
-    bad = refused_changes(changes, cfg.get("allow_changes_on_resume") or ())
+    bad = refused_changes(changes, cfg.get("allow_changes_on_resume") or (), planned_lengths(cfg))
     if bad:
         raise RunDirError(
             f"{folder} holds a {task} run with other settings; resuming it with these would record "

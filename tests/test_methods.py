@@ -1,6 +1,7 @@
-"""Baseline methods in the same harness (algorithm.method): knowledge distillation and SiD train
-from the CLI, KD resumes exactly and releases a generator dmd.sample uses, and both beat the
-teacher's one-step sample on the 2-D mixture's oracle (SiD's loss by hand: tests/test_losses.py)."""
+"""Baseline methods in the same harness (algorithm.method): knowledge distillation, SiD,
+consistency and progressive distillation train from the CLI, KD, CD and PD resume exactly and
+release a generator dmd.sample uses, and every method beats the teacher's one-step sample on the
+2-D mixture's oracle (SiD's loss by hand: tests/test_losses.py; CD's and PD's: tests/test_cd_pd.py)."""
 
 import json
 
@@ -25,21 +26,38 @@ def _weights(run):
 
 
 @pytest.mark.slow
-def test_kd_resumes_exactly_and_releases_a_generator(cli, tmp_path):
+@pytest.mark.parametrize("preset", ["gmm_kd", "gmm_cd", "gmm_pd"])
+def test_resumes_exactly_and_releases_a_generator(cli, tmp_path, preset):
+    tiny = [f"experiment={preset}", *TINY_KD[1:], f"paths.cache_dir={tmp_path}/cache"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cli("dmd.train", *TINY_KD, "max_iterations=13", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={straight}")
-    cli("dmd.train", *TINY_KD, "max_iterations=6", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={resumed}")
-    cli("dmd.train", *TINY_KD, "max_iterations=13", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={resumed}")
+    cli("dmd.train", *tiny, "max_iterations=13", f"hydra.run.dir={straight}")
+    # Stopped after 6 iterations (PD's rounds are planned over max_iterations, so its length stays;
+    # 6 rounds of 2 iterations, the last 3: the resume starts round 3, whose teacher is the student).
+    cli("dmd.train", *tiny, "max_iterations=13", "trainer.max_steps=6", f"hydra.run.dir={resumed}")
+    assert json.loads((resumed / "results.json").read_text())["iterations"] == 6
+    cli("dmd.train", *tiny, "max_iterations=13", f"hydra.run.dir={resumed}")
     a, b = _weights(straight), _weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # EMA weights, released
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # EMA weights if on, released
     init = load_file(ROOT / "experiments/checkpoints/gmm8_mlp/unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(a[k], init[k]) for k in a)
     results = json.loads((resumed / "results.json").read_text())
-    # One generator update per iteration, no fake score; the pairs were made once and reused.
+    # One generator update per iteration, no fake score.
     assert (results["iterations"], results["generator_steps"], results["fake_steps"]) == (13, 13, 0)
-    assert len(list((tmp_path / "cache" / "pairs").glob("*.safetensors"))) == 1
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any(k.startswith(("fake_score.", "gan_head.", "real_score.")) for k in ckpt["state_dict"])
+    if preset == "gmm_kd":  # the pairs were made once and reused
+        assert len(list((tmp_path / "cache" / "pairs").glob("*.safetensors"))) == 1
+    if preset == "gmm_pd":  # every round's student, the same whether resumed or not; the plan is fixed
+        proc = cli("dmd.train", *tiny, "max_iterations=20", f"hydra.run.dir={resumed}", check=False)
+        assert proc.returncode != 0 and "max_iterations: 13 -> 20" in proc.stderr
+        rounds = sorted(p.name for p in (resumed / "rounds").iterdir())
+        assert rounds == ["16step", "1step", "2step", "32step", "4step", "8step"]
+        for name in rounds:
+            x = load_file(straight / "rounds" / name / "unet" / "diffusion_pytorch_model.safetensors")
+            y = load_file(resumed / "rounds" / name / "unet" / "diffusion_pytorch_model.safetensors")
+            assert all(torch.equal(x[k], y[k]) for k in x)
+        meta = json.loads((resumed / "rounds" / "4step" / "generator.json").read_text())
+        assert meta["timesteps"] == [999, 749, 499, 249] and meta["sampling"] == "ddim"
     out = tmp_path / "g.npz"
     cli("dmd.sample", f"ckpt={resumed}", "num_samples=32", f"out={out}", f"hydra.run.dir={tmp_path}/sample")
     assert np.load(out)["arr_0"].shape == (32, 2)
@@ -53,11 +71,13 @@ def test_kd_refuses_a_multi_step_student(cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,iterations", [("gmm_kd", 400), ("gmm_sid", 800)])
+@pytest.mark.parametrize("preset,iterations", [("gmm_kd", 400), ("gmm_sid", 800), ("gmm_cd", 1000),
+                                               ("gmm_pd", 300)])
 def test_one_step_students_beat_the_teachers_one_step_sample(cli, tmp_path, preset, iterations):
     """Oracle check on gmm8: a short run brings each method's student's energy distance to the
     mixture far below the exact teacher's own one-step (Euler) sample's (measured: kd 0.003 after
-    400 updates, sid 0.016 after 800, the teacher's one step 1.44; 10k samples)."""
+    400 updates, sid 0.016 after 800, cd 0.003 after 1000, pd 0.010 after 300 (6 rounds of 50);
+    the teacher's one step 1.44; 10k samples)."""
     run = tmp_path / "run"
     cli("dmd.train", f"experiment={preset}", f"max_iterations={iterations}", "logger=none",
         "trainer.enable_progress_bar=false", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}")
@@ -74,10 +94,11 @@ def test_one_step_students_beat_the_teachers_one_step_sample(cli, tmp_path, pres
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["fmnist_kd", "fmnist_sid"])
+@pytest.mark.parametrize("preset", ["fmnist_kd", "fmnist_sid", "fmnist_cd", "fmnist_pd"])
 def test_fmnist_presets_of_the_baselines_train(cli, tmp_path, preset):
     run = tmp_path / "run"
     cli("dmd.train", f"experiment={preset}", "max_iterations=3", "data.batch_size=4",
+        *(["algorithm.pd.start_steps=4"] if preset == "fmnist_pd" else []),  # 2 rounds
         "algorithm.regression.num_pairs=8", "algorithm.regression.steps=2", "algorithm.regression.batch_size=4",
         "callbacks.evaluation=null", "logger=none", "trainer.enable_progress_bar=false",
         f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}")
