@@ -71,9 +71,9 @@ class DMDModule(StudentModule):
                  regression_weight: float = 0.0, regression_pairs: dict | None = None,
                  regression_distance: nn.Module | None = None, regression_batch_size: int = 0,
                  backward_simulation: bool = True, ema_decay: float | None = None,
-                 max_iterations: int | None = None, seed: int = 0):
+                 max_iterations: int | None = None, seed: int = 0, max_network_passes: int | None = None):
         super().__init__(teacher, generator, lr_generator, betas, weight_decay, warmup_steps, grad_clip,
-                         ema_decay, max_iterations, seed, regression_distance)
+                         ema_decay, max_iterations, seed, regression_distance, max_network_passes)
         if ttur_ratio < 1:
             raise ValueError(f"ttur_ratio must be >= 1, got {ttur_ratio}.")
         if regression_weight > 0 and (regression_pairs is None or regression_distance is None):
@@ -116,7 +116,7 @@ class DMDModule(StudentModule):
                              "algorithm.gan.generator_weight=0 algorithm.gan.discriminator_weight=0.")
         super().on_fit_start()
 
-    def training_step(self, batch, batch_idx):
+    def train_iteration(self, batch):
         real, cond = self.data_batch(batch)
         opt_g, opt_f = self.optimizers()
         sched_g, sched_f = self.lr_schedulers()

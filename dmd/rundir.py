@@ -42,13 +42,13 @@ LOCK = ".lock"
 # What may be in a dir before any record is written: Hydra's job log, our lock file.
 NOT_RECORDS = (LOCK,)
 # Settings a resume may change without changing what the run trains (prefixes of dotted keys).
-OPERATIONAL = ("max_iterations", "generator_steps", "ckpt_path", "allow_changes_on_resume",
+OPERATIONAL = ("max_iterations", "generator_steps", "max_network_passes", "ckpt_path", "allow_changes_on_resume",
                "logger", "callbacks", "eval", "paths", "grid", "checkpoint_every_n_steps",
                "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
                "trainer.enable_progress_bar", "trainer.log_every_n_steps", "data.num_workers",
                "gradient_checkpointing")
 # Of those, the ones that may only grow (a shorter run than recorded would contradict the record).
-LENGTHS = ("max_iterations", "generator_steps", "trainer.max_steps")
+LENGTHS = ("max_iterations", "generator_steps", "trainer.max_steps", "max_network_passes")
 
 
 class RunDirError(CompactHydraException, ValueError):
@@ -110,7 +110,8 @@ def _limit(value) -> float:
 def planned_lengths(cfg: DictConfig) -> tuple[str, ...]:
     """Length settings that are part of what a run trains: progressive distillation splits
     max_iterations into its rounds (a longer resume would change every round's length)."""
-    return ("max_iterations", "generator_steps") if OmegaConf.select(cfg, "algorithm.method") == "pd" else ()
+    pd = OmegaConf.select(cfg, "algorithm.method") == "pd"
+    return ("max_iterations", "generator_steps", "max_network_passes") if pd else ()
 
 
 def refused_changes(changes: dict, allowed=(), planned=()) -> list[str]:

@@ -2,12 +2,18 @@
 frozen teacher, the module's own counters and random stream, EMA of the generator's weights,
 checkpointed state, FSDP sharding and the release of the generator.
 
-Methods subclass :class:`StudentModule` with their own ``training_step`` and optimisers
-(:class:`dmd.module.DMDModule`: DMD and DMD2; :class:`dmd.methods.kd.KDModule`: knowledge
-distillation). Optimisation is manual: ``iteration`` counts training steps of the method's
-loop, ``generator_steps`` the generator's updates and ``fake_steps`` those of a fake score (if
-any); they are checkpointed with every rank's random stream, so that a resumed run continues
-exactly where it stopped.
+Methods subclass :class:`StudentModule` with their own ``train_iteration`` and optimisers
+(:class:`dmd.module.DMDModule`: DMD and DMD2; :mod:`dmd.methods`: SiD, knowledge, consistency
+and progressive distillation). Optimisation is manual: ``iteration`` counts training steps of
+the method's loop, ``generator_steps`` the generator's updates and ``fake_steps`` those of a
+fake score (if any); they are checkpointed with every rank's random stream, so that a resumed
+run continues exactly where it stopped.
+
+``network_passes`` counts, per rank, the samples every network (teacher, generator, fake score,
+target or previous-round networks; an analytic teacher too) was run forward on during training
+iterations (a CFG call counts twice, a GAN head's truncated pass once; backward passes and
+evaluation are not counted): the budget that compares methods whose iterations cost different
+numbers of passes. ``max_network_passes`` stops training once it is spent.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ class StudentModule(pl.LightningModule):
                  betas=(0.9, 0.999), weight_decay: float = 0.01, warmup_steps: int = 0,
                  grad_clip: float = 10.0, ema_decay: float | None = None,
                  max_iterations: int | None = None, seed: int = 0,
-                 regression_distance: nn.Module | None = None):
+                 regression_distance: nn.Module | None = None, max_network_passes: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.teacher = teacher
@@ -79,6 +85,9 @@ class StudentModule(pl.LightningModule):
         self._release_template: list[nn.Module] = []  # FSDP: the generator's shape, weightless
         self.rng = training_rng(seed)
         self.iteration = self.generator_steps = self.fake_steps = 0
+        self.network_passes, self.max_network_passes = 0, max_network_passes
+        self._counting = False  # inside a training iteration (not evaluation or release)
+        self._pass_hooks: list = []
         # (iteration, step) pairs backward simulation trained, hashed: ranks compare it (train.py)
         self.backward_simulation_trace = hashlib.sha256()
 
@@ -96,15 +105,50 @@ class StudentModule(pl.LightningModule):
     def adamw(self, params, lr: float):
         return torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
 
+    def training_step(self, batch, batch_idx):
+        """One iteration of the method's loop (``train_iteration``), its network passes counted."""
+        self._counting = True
+        try:
+            return self.train_iteration(batch)
+        finally:
+            self._counting = False
+
+    def train_iteration(self, batch):
+        raise NotImplementedError
+
     def finish_iteration(self, logs: dict) -> None:
-        """Count the iteration, log it and stop at the run's length."""
+        """Count the iteration, log it and stop at the run's length (or spent pass budget)."""
         self.iteration += 1
         logs.update({"counters/iteration": float(self.iteration),
                      "counters/generator_steps": float(self.generator_steps),
-                     "counters/fake_steps": float(self.fake_steps)})
+                     "counters/fake_steps": float(self.fake_steps),
+                     "counters/network_passes": float(self.network_passes)})
         self.log_dict(logs, prog_bar=False)
         if self.max_iterations and self.iteration >= self.max_iterations:
             self.trainer.should_stop = True
+        if self.budget_spent:
+            self.trainer.should_stop = True
+
+    @property
+    def budget_spent(self) -> bool:
+        return bool(self.max_network_passes) and self.network_passes >= self.max_network_passes
+
+    def count_network_passes(self) -> None:
+        """Hook every network (a denoiser's ``unet``, or an analytic denoiser itself) so that
+        each forward call inside a training iteration adds its batch size to ``network_passes``."""
+        from dmd.denoisers import Denoiser
+
+        for handle in self._pass_hooks:
+            handle.remove()
+        networks = {id(n): n for m in self.modules() if isinstance(m, Denoiser)
+                    for n in [getattr(m, "unet", m)]}
+
+        def count(network, args, kwargs):
+            if self._counting:
+                first = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+                self.network_passes += int(first.shape[0])
+
+        self._pass_hooks = [n.register_forward_pre_hook(count, with_kwargs=True) for n in networks.values()]
 
     def setup(self, stage: str) -> None:
         # Each rank draws its own noise and timesteps (rank 0: the single-process stream), before
@@ -129,12 +173,13 @@ class StudentModule(pl.LightningModule):
         return is_sharded(self.generator)
 
     def on_fit_start(self):
+        self.count_network_passes()
         if self.ema is not None:  # EMAModel keeps its own copies: follow the module's device
             self.ema.to(self.device)
 
     def on_train_batch_start(self, batch, batch_idx):
         # A run resumed at (or beyond) its length does no further update.
-        if self.max_iterations and self.iteration >= self.max_iterations:
+        if (self.max_iterations and self.iteration >= self.max_iterations) or self.budget_spent:
             self.trainer.should_stop = True
             return -1
         return None
@@ -191,7 +236,7 @@ class StudentModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["dmd_counters"] = {"iteration": self.iteration,
                                       "generator_steps": self.generator_steps,
-                                      "fake_steps": self.fake_steps}
+                                      "fake_steps": self.fake_steps, "network_passes": self.network_passes}
         # Every rank's stream (collective: all ranks save together, rank 0 writes the file).
         gathered = self.all_gather(self.rng.get_state().to(self.device)).reshape(self.trainer.world_size, -1)
         checkpoint["dmd_rng_states"] = [state.clone() for state in gathered.cpu()]  # own storage each
@@ -216,6 +261,7 @@ class StudentModule(pl.LightningModule):
         counters = checkpoint["dmd_counters"]
         self.iteration = counters["iteration"]
         self.generator_steps, self.fake_steps = counters["generator_steps"], counters["fake_steps"]
+        self.network_passes = counters.get("network_passes", 0)  # older checkpoints: not counted
         states = checkpoint.get("dmd_rng_states") or [checkpoint["dmd_rng_state"]]  # older: one rank
         if len(states) != self.trainer.world_size:
             raise ValueError(f"This checkpoint was written by {len(states)} process(es), this run has "

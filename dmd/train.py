@@ -128,13 +128,15 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
         distance = build_distance(reg.distance, reg.get("network"))
     student = dict(lr_generator=o.lr_generator, betas=o.betas, weight_decay=o.weight_decay,
                    warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=a.ema_decay,
-                   max_iterations=cfg.max_iterations, seed=cfg.seed)
+                   max_iterations=cfg.max_iterations, seed=cfg.seed,
+                   max_network_passes=cfg.get("max_network_passes"))
     if method == "kd":
         return KDModule(teacher, generator, pairs, distance, batch_size=reg.batch_size, **student)
     if method == "cd":
         return CDModule(teacher, generator, guidance_scale=a.guidance_scale, **a.cd, **student)
     if method == "pd":
-        return PDModule(teacher, generator, guidance_scale=a.guidance_scale, **a.pd, **student)
+        return PDModule(teacher, generator, guidance_scale=a.guidance_scale, batch_size=cfg.data.batch_size,
+                        **a.pd, **student)
     module, extra = DMDModule, {}
     if method == "sid":
         module, extra = SiDModule, {"alpha": a.sid.alpha}
@@ -254,14 +256,15 @@ def _train(cfg: DictConfig, out_dir: Path, resume: dict | None, started: float) 
         "status": "completed", "experiment": cfg.get("experiment_name"),
         "command": command_line(), "overrides": job_overrides(), "provenance": run_provenance(),
         "iterations": module.iteration, "generator_steps": module.generator_steps,
-        "fake_steps": module.fake_steps, "nfe": generator.num_steps,
+        "fake_steps": module.fake_steps, "network_passes": module.network_passes, "nfe": generator.num_steps,
         "metrics": metrics, "wall_seconds": round(time.time() - started, 1), "ranks": ranks,
-        "stopped_early": module.iteration < cfg.max_iterations,  # e.g. trainer.max_time
+        # e.g. trainer.max_time (PD under a pass budget plans its own max_iterations)
+        "stopped_early": module.iteration < module.max_iterations and not module.budget_spent,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if results["stopped_early"]:
         log.warning("Training stopped at iteration %d of max_iterations=%d (see Lightning's reason "
-                    "above); results.json records it as stopped_early.", module.iteration, cfg.max_iterations)
+                    "above); results.json records it as stopped_early.", module.iteration, module.max_iterations)
     update_results(out_dir / "results.json", **results)  # beside the callback's evaluations
     log.info("Run dir %s: samples.png, results.json, generator/ (sample it with "
              "`python -m dmd.sample ckpt=%s num_samples=N out=FILE.npz`). Final metrics: %s",

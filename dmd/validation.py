@@ -112,6 +112,7 @@ EVAL = [("eval.num_samples", whole(2)), ("eval.every_n_generator_steps", whole(1
 TRAIN = [
     ("data.num_samples", whole(1)),
     ("max_iterations", whole(1)), ("generator_steps", whole(1, optional=True)),
+    ("max_network_passes", whole(1, optional=True)),
     ("algorithm.ttur_ratio", whole(1)), ("algorithm.guidance_scale", number(0)),
     ("algorithm.generator_timesteps", whole_list(0)), ("algorithm.dm_weight", number(0)),
     ("algorithm.dm_t_range", fraction_range()),
@@ -193,7 +194,8 @@ def cross_problems(cfg: DictConfig, task: str) -> list[str]:
     if method == "cd" and planned and _is_int(OmegaConf.select(a, "cd.num_ode_steps")):
         found += grid_problems(timesteps, a.cd.num_ode_steps)
     if method == "pd" and planned and _is_int(OmegaConf.select(a, "pd.start_steps")):
-        found += plan_problems(timesteps, a.pd.start_steps, _training_length(cfg))
+        budget = cfg.get("max_network_passes")  # then the rounds' iterations come from the budget
+        found += plan_problems(timesteps, a.pd.start_steps, None if budget else _training_length(cfg))
     if method in ("dmd", "sid"):
         weights = {"algorithm.dm_weight": a.get("dm_weight"), "algorithm.gan.generator_weight":
                    OmegaConf.select(a, "gan.generator_weight"), "algorithm.regression.weight":

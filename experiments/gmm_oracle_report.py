@@ -1,14 +1,17 @@
-"""Oracle report on the 2-D mixtures: DMD/DMD2 students against the exact target.
+"""Oracle report on the 2-D mixtures: DMD/DMD2 and the baseline methods' students against the
+exact target.
 
 For gmm8 it measures, on 10k samples each: the teacher's ODE sampler (exact mixture denoiser
 and the bundled MLP teacher), the one-step generator at initialisation (the MLP teacher
-evaluated once on pure noise at t = 999), and the students of ``gmm_dmd2`` and ``gmm_dmd``;
+evaluated once on pure noise at t = 999), and the one-step students of ``gmm_dmd2``,
+``gmm_dmd`` and the baselines ``gmm_kd``, ``gmm_sid``, ``gmm_cd``, ``gmm_pd`` (each preset's
+own length);
 for gmm8_unequal, DMD without regression, GAN or TTUR (``gmm_dmd_unequal``), whose light
 modes are where mode dropping would show. Figures: share of samples per mode (nearest mean),
 median distance to the nearest mean, energy distance to 4000 mixture draws.
 
-    python experiments/gmm_oracle_report.py            # trains the three presets (~10 min)
-    python experiments/gmm_oracle_report.py --runs-only outputs/...   # reuse finished runs
+    python experiments/gmm_oracle_report.py            # trains the seven presets (~25 min)
+    python experiments/gmm_oracle_report.py --runs-only --out outputs/...   # reuse finished runs
 
 Writes experiments/results/gmm_oracle.{json,md} and a scatter plot per model.
 """
@@ -34,7 +37,8 @@ from dmd.visualize import save_sample_grid
 
 RESULTS = ROOT_DIR / "experiments" / "results"
 CHECKPOINTS = ROOT_DIR / "experiments" / "checkpoints"
-PRESETS = {"gmm_dmd2": "gmm8", "gmm_dmd": "gmm8", "gmm_dmd_unequal": "gmm8_unequal"}
+PRESETS = {"gmm_dmd2": "gmm8", "gmm_dmd": "gmm8", "gmm_dmd_unequal": "gmm8_unequal",
+           "gmm_kd": "gmm8", "gmm_sid": "gmm8", "gmm_cd": "gmm8", "gmm_pd": "gmm8"}
 UNEQUAL = [8, 1, 4, 1, 2, 1, 4, 1]
 N = 10_000
 
@@ -74,7 +78,8 @@ def main() -> None:
         generator, info = load_generator(run)
         samples, _ = sample_generator(generator, info, N, seed=0, progress=False)
         results = json.loads((run / "results.json").read_text())
-        note = f"{results['iterations']} iterations, {results['wall_seconds']:.0f} s"
+        method = results["config"]["algorithm"].get("method", "dmd")
+        note = f"algorithm.method={method}, {results['iterations']} iterations, {results['wall_seconds']:.0f} s"
         rows.append(row(preset, data, samples, mixtures[data], generator.num_steps, note))
 
     RESULTS.mkdir(parents=True, exist_ok=True)

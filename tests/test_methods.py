@@ -104,3 +104,39 @@ def test_fmnist_presets_of_the_baselines_train(cli, tmp_path, preset):
         f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}")
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["nfe"] == 1 and results["generator_steps"] == 3
+
+
+GMM_TINY = ["data.num_samples=256", "data.batch_size=32", "callbacks.evaluation=null", "logger=none",
+            "trainer.enable_progress_bar=false", "algorithm.regression.num_pairs=256", "algorithm.regression.steps=2"]
+
+
+@pytest.mark.parametrize("preset,overrides,passes", [
+    # DMD2, TTUR 5, batch 32: a generator iteration runs generator, real score, fake score (DM) and the
+    # GAN head's fake-score pass, then the fake step's denoising pass and the discriminator's two
+    # (7 x 32); each other iteration draws samples, denoises and discriminates (4 x 32).
+    ("gmm_dmd2", ["max_iterations=5"], (7 + 4 * 4) * 32),
+    ("gmm_kd", ["max_iterations=5", "algorithm.regression.batch_size=16"], 5 * 16),  # the generator alone
+    ("gmm_cd", ["max_iterations=5"], 5 * 3 * 32),  # teacher, target network, student
+    ("gmm_cd", ["max_iterations=100", "max_network_passes=500"], 6 * 3 * 32),  # stops once 500 are spent
+    ("gmm_pd", ["max_iterations=5", "algorithm.pd.start_steps=4"], 5 * 3 * 32),  # student + 2 teacher steps
+])
+def test_network_passes_are_counted_and_budgeted(cli, tmp_path, preset, overrides, passes):
+    run = tmp_path / "run"
+    cli("dmd.train", f"experiment={preset}", *GMM_TINY, *overrides, f"paths.cache_dir={tmp_path}/cache",
+        f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    assert results["network_passes"] == passes and not results["stopped_early"]
+
+
+@pytest.mark.slow
+def test_pd_plans_its_rounds_from_a_pass_budget_counting_cfg_twice(cli, tmp_path):
+    """fmnist_pd, batch 4, 2 rounds: round 0's guided teacher costs 2 passes per call (4 + 2 x 2 x 4 =
+    20 per iteration), round 1's (the previous student, unguided) 1 (12): a budget of 96 buys 3
+    iterations per round, spent exactly."""
+    run = tmp_path / "run"
+    cli("dmd.train", "experiment=fmnist_pd", "algorithm.pd.start_steps=4", "max_network_passes=96",
+        "data.batch_size=4", "callbacks.evaluation=null", "logger=none", "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    assert (results["iterations"], results["network_passes"], results["stopped_early"]) == (6, 96, False)
+    assert sorted(p.name for p in (run / "rounds").iterdir()) == ["1step", "2step"]

@@ -121,5 +121,5 @@ class IterationCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         it = pl_module.iteration
         limit = getattr(pl_module, "max_iterations", None)
-        if it % self.every_n_iterations == 0 or (limit and it == limit):
+        if it % self.every_n_iterations == 0 or (limit and it == limit) or getattr(pl_module, "budget_spent", False):
             trainer.save_checkpoint(self.path, weights_only=False)  # the full training state

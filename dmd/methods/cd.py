@@ -71,7 +71,7 @@ class CDModule(StudentModule):
         # theta^-: trained state (checkpointed), updated only by the EMA step.
         self.target_network = copy_denoiser(generator.denoiser).requires_grad_(False).eval()
 
-    def training_step(self, batch, batch_idx):
+    def train_iteration(self, batch):
         real, cond = self.data_batch(batch)
         n = real.shape[0]
         index = torch.randint(0, len(self.grid), (n,), generator=self.rng)

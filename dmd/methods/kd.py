@@ -28,7 +28,7 @@ class KDModule(StudentModule):
                              "sample) pairs: set algorithm.generator_timesteps to one timestep.")
         self.pairs, self.batch_size = pairs, batch_size
 
-    def training_step(self, batch, batch_idx):
+    def train_iteration(self, batch):
         noise, target, cond = pair_batch(self.pairs, self.batch_size, self.rng, self.device)
         loss = regression_loss(self.generator(noise, cond), target, self.regression_distance)
         self.finish_iteration(self.generator_update(loss, "regression"))

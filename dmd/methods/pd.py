@@ -56,7 +56,7 @@ def plan_problems(timesteps, start_steps: int, max_iterations, num_train_timeste
     if rounds < 1 or rounds != int(rounds) or start_steps > num_train_timesteps:
         found.append(f"algorithm.pd.start_steps={start_steps} must be the student's {steps} step(s) times a "
                      f"power of two >= 2 (each round halves the steps), at most {num_train_timesteps}")
-    elif not max_iterations or max_iterations < rounds:
+    elif max_iterations is not None and max_iterations < rounds:
         found.append(f"max_iterations={max_iterations}: progressive distillation from {start_steps} to "
                      f"{steps} step(s) runs {int(rounds)} rounds, at least one iteration each")
     return found
@@ -66,19 +66,37 @@ class PDModule(StudentModule):
     """Rounds of step-halving distillation; one student update per iteration on a data batch."""
 
     def __init__(self, teacher: Teacher, generator: Generator, guidance_scale: float = 1.0,
-                 start_steps: int = 64, **student):
+                 start_steps: int = 64, batch_size: int | None = None, **student):
         super().__init__(teacher, generator, **student)
         T = teacher.denoiser.schedule.num_train_timesteps
-        problems = plan_problems(generator.timesteps, start_steps, self.max_iterations, T)
+        planned = None if self.max_network_passes else (self.max_iterations or 0)
+        problems = plan_problems(generator.timesteps, start_steps, planned, T)
         if generator.sampling != "ddim":
             problems.append("a progressively distilled student samples by DDIM steps (sampling='ddim')")
         if problems:
             raise ValueError("; ".join(problems) + ".")
         self.rounds = round(math.log2(start_steps / generator.num_steps))
         self.start_steps, self.guidance_scale = start_steps, guidance_scale
+        if self.max_network_passes:  # equal iterations per round, as many as the budget buys
+            self.max_iterations = self.iterations_for_budget(self.max_network_passes, batch_size)
         self.round_length = self.max_iterations // self.rounds  # the last round takes the remainder
         # The previous round's student, frozen: trained state (checkpointed); unused in round 0.
         self.round_teacher = copy_denoiser(generator.denoiser).requires_grad_(False).eval()
+
+    def passes_per_iteration(self, round_index: int, batch_size: int) -> int:
+        """Network passes of one iteration: the student once, the round's teacher twice (the
+        original teacher with CFG: two passes per call)."""
+        guided = round_index == 0 and self.guidance_scale != 1.0 and self.teacher.null_condition(1) is not None
+        return batch_size * (1 + 2 * (2 if guided else 1))
+
+    def iterations_for_budget(self, budget: int, batch_size: int | None) -> int:
+        if not batch_size:
+            raise ValueError("Planning progressive distillation's rounds from max_network_passes needs the batch size.")
+        per_round = sum(self.passes_per_iteration(r, batch_size) for r in range(self.rounds))
+        if budget < per_round:
+            raise ValueError(f"max_network_passes={budget} buys less than one iteration in each of the "
+                             f"{self.rounds} rounds ({per_round} passes at batch {batch_size}): raise it.")
+        return budget // per_round * self.rounds
 
     def round_of(self, iteration: int) -> int:
         return min(iteration // self.round_length, self.rounds - 1)
@@ -93,7 +111,7 @@ class PDModule(StudentModule):
             return self.round_of(done)
         return None
 
-    def training_step(self, batch, batch_idx):
+    def train_iteration(self, batch):
         r = self.round_of(self.iteration)
         if r > 0 and self.iteration == r * self.round_length:  # a new round: its teacher is the last student
             self.round_teacher.load_state_dict(self.generator.denoiser.state_dict())
