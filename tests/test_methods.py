@@ -140,3 +140,26 @@ def test_pd_plans_its_rounds_from_a_pass_budget_counting_cfg_twice(cli, tmp_path
     results = json.loads((run / "results.json").read_text())
     assert (results["iterations"], results["network_passes"], results["stopped_early"]) == (6, 96, False)
     assert sorted(p.name for p in (run / "rounds").iterdir()) == ["1step", "2step"]
+
+
+def test_every_job_of_the_methods_sweep_composes_and_validates():
+    """conf/sweep/methods.yaml's 36 jobs (and KD's 3) are valid runs at the shared pass budget: CD's
+    grid holds the 1-, 2- and 4-step timesteps, PD's rounds are planned from the budget."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dmd.validation import validate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        sweep = compose("train", overrides=["+sweep=methods"], return_hydra_config=True).hydra.sweeper.params
+        values = {k: v.replace("],[", "]|[").split("|") if "[" in v else v.split(",") for k, v in sweep.items()}
+        jobs = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+        jobs += [{"experiment": "fmnist_kd", "algorithm.generator_timesteps": "[999]", "seed": s} for s in "012"]
+        assert len(jobs) == 39
+        for job in jobs:
+            cfg = compose("train", overrides=["+sweep=methods", *(f"{k}={v}" for k, v in job.items())])
+            validate(cfg, "train")
+            assert cfg.max_network_passes == 150_000 and cfg.max_iterations >= 10**6, job
+            assert OmegaConf.select(cfg, "algorithm.method") == job["experiment"].split("_")[1].replace("dmd2", "dmd")
