@@ -99,6 +99,27 @@ def test_fully_sharded_text_to_image_lora_matches_ddp(cli, tmp_path):
     assert norm([fsdp[k] - ddp[k] for k in trained]) < 1e-2 * update
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["gmm_cd", "gmm_pd"])
+def test_consistency_and_progressive_distillation_shard_like_they_replicate(cli, tmp_path, preset):
+    """CD's target network and PD's previous-round student are trained state beside the generator:
+    under FSDP they are sharded with it (EMA steps and round copies on shards) and the released
+    generator (PD: every round's too) matches two DDP replicas'."""
+    args = (f"experiment={preset}", "algorithm.generator_timesteps=[999,499]", "algorithm.pd.start_steps=8"
+            if preset == "gmm_pd" else "algorithm.cd.num_ode_steps=8", *GMM[2:], "max_iterations=6")
+    for strategy in ("ddp_cpu", "fsdp_cpu"):
+        cli("dmd.train", *args, f"trainer={strategy}", f"hydra.run.dir={tmp_path / strategy}")
+    fsdp, ddp = released_weights(tmp_path / "fsdp_cpu"), released_weights(tmp_path / "ddp_cpu")
+    assert fsdp.keys() == ddp.keys() and len(fsdp) > 4
+    for k in fsdp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=0, atol=1e-6, msg=k)
+    if preset == "gmm_pd":
+        for name in ("4step", "2step"):
+            a, b = (load_file(tmp_path / s / "rounds" / name / "unet" / "diffusion_pytorch_model.safetensors")
+                    for s in ("fsdp_cpu", "ddp_cpu"))
+            assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
 def test_multi_gpu_and_multi_node_trainer_presets_compose(monkeypatch):
     from hydra import compose, initialize_config_dir
 
