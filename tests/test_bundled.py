@@ -10,9 +10,11 @@ from dmd.draw import sample_teacher
 from dmd.metrics.features import FashionMNISTClassifier, extract
 from dmd.metrics.fid import fid_from_features
 from dmd.metrics.fmnist import DEFAULT_CLASSIFIER, data_evaluator, load_classifier
+from dmd.schedule import FlowSchedule, VPSchedule
 from dmd.teachers import load_teacher
 
 TEACHER = ROOT / "experiments" / "checkpoints" / "fmnist_teacher"
+FLOW_TEACHER = ROOT / "experiments" / "checkpoints" / "fmnist_flow_teacher"
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,11 @@ def test_corrupt_classifier_weights_are_reported(tmp_path):
 
 
 @pytest.mark.slow
-def test_bundled_teacher_samples_the_requested_classes(tmp_path):
-    teacher = load_teacher(str(TEACHER))
+@pytest.mark.parametrize("folder,schedule", [(TEACHER, VPSchedule), (FLOW_TEACHER, FlowSchedule)])
+def test_bundled_teacher_samples_the_requested_classes(tmp_path, folder, schedule):
+    teacher = load_teacher(str(folder))
     assert teacher.num_classes == 10 and teacher.sample_shape == (1, 28, 28)
+    assert isinstance(teacher.denoiser.schedule, schedule)  # the flow teacher: velocity on (1 - s) x0 + s eps
     images, labels = sample_teacher(teacher, 100, "heun", 8, 2.0, seed=0, progress=False)
     assert images.shape == (100, 1, 28, 28) and torch.isfinite(images).all()
     evaluator = data_evaluator(tmp_path)

@@ -210,3 +210,19 @@ def test_a_class_conditional_flow_student_samples_with_the_stock_flow_scheduler(
         for t in scheduler.timesteps:  # the stock loop: velocity from the UNet, one scheduler step
             x = scheduler.step(unet(x, t.expand(6), class_labels=labels).sample, t, x, generator=rng).prev_sample
     assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,sigmas", [("fmnist_flow_dmd2", [1.0]), ("fmnist_flow_dmd2_4step", [1.0, 0.75, 0.5, 0.25])])
+def test_the_fashion_mnist_flow_presets_train_on_the_bundled_flow_teacher(cli, tmp_path, preset, sigmas):
+    import json
+
+    run = tmp_path / "run"
+    cli("dmd.train", f"experiment={preset}", "max_iterations=3", "data.batch_size=4", "callbacks.evaluation=null",
+        "logger=none", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and results["config"]["teacher"]["path"].endswith("fmnist_flow_teacher")
+    call = json.loads((run / "generator" / "generator.json").read_text())["pipeline_call"]
+    assert call["sigmas"] == sigmas  # released for the stock FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(run / "generator" / "scheduler")
+    assert scheduler.config.stochastic_sampling  # DMD2's multi-step sampling re-noises
