@@ -49,13 +49,17 @@ def test_cadence_survives_resume_in_the_middle(tmp_path):
     trainer = _fit(module, 7, tmp_path)
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=True)
-    assert ckpt["dmd_counters"] == {"iteration": 7, "generator_steps": 3, "fake_steps": 7}
+    # Passes at batch 4 without GAN: a generator iteration runs generator, real score, fake score
+    # and the fake step's denoising pass (16), the others generator and denoising (8).
+    assert ckpt["dmd_counters"] == {"iteration": 7, "generator_steps": 3, "fake_steps": 7,
+                                    "network_passes": 3 * 16 + 4 * 8}
     assert not any(k.startswith("real_score.") for k in ckpt["state_dict"])
 
     resumed = _module(3)
     _fit(resumed, 7, tmp_path, epochs=2, ckpt_path=tmp_path / "mid.ckpt")
     assert resumed.iteration == 14 and resumed.fake_steps == 14
     assert resumed.generator_steps == math.ceil(14 / 3)
+    assert resumed.network_passes == 5 * 16 + 9 * 8  # counted on from the checkpoint
 
 
 @pytest.mark.slow

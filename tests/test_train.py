@@ -34,7 +34,9 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cli, tmp_path):
     assert any(k.startswith("gan_head.") for k in sa)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # fake score and GAN head too
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["dmd_counters"] == {"iteration": 23, "generator_steps": 5, "fake_steps": 23}
+    straight_passes = json.loads((straight / "results.json").read_text())["network_passes"]
+    assert ckpt["dmd_counters"] == {"iteration": 23, "generator_steps": 5, "fake_steps": 23,
+                                    "network_passes": straight_passes}  # counted on across the resume
     # results.json: the first part's end evaluation (generator step 3) is kept, then step 5's.
     steps = [[e["generator_step"] for e in json.loads((run / "results.json").read_text())["evaluations"]]
              for run in (straight, resumed)]
