@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("paths", nargs="+", help="sweep dirs or run dirs")
     parser.add_argument("--out", default="experiments/results/methods_fmnist")
     parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="leave ms/image out (e.g. when other jobs share the machine: it would not be a measurement)")
     args = parser.parse_args()
     runs, skipped = read_runs(args.paths)
     groups = defaultdict(list)
@@ -72,10 +74,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for (method, steps), members in sorted(groups.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0]), kv[0][1])):
-        generator, info = load_generator(members[0]["dir"])
-        generator = generator.to(device)
-        latency = latency_ms_per_image(lambda noise, cond, uncond, g=generator: g(noise, cond), info,
-                                       args.latency_batch, device)
+        latency = None
+        if not args.skip_latency:
+            generator, info = load_generator(members[0]["dir"])
+            generator = generator.to(device)
+            latency = latency_ms_per_image(lambda noise, cond, uncond, g=generator: g(noise, cond), info,
+                                           args.latency_batch, device)
         row = {"method": method, "steps": steps, "n": len(members), "seeds": sorted(m["seed"] for m in members),
                "latency_ms_per_image": latency, "runs": [m["dir"] for m in members]}
         for key in (*COLUMNS, "network_passes", "iterations", "wall_seconds"):
@@ -91,9 +95,12 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {r['steps']} | " + " | ".join(
             cell(r[k], 3) for k in COLUMNS) +
-            f" | {cell(r['network_passes'], 0)} | {cell(r['iterations'], 0)} | {r['latency_ms_per_image']:.2f} | "
+            f" | {cell(r['network_passes'], 0)} | {cell(r['iterations'], 0)} | "
+            f"{'-' if r['latency_ms_per_image'] is None else format(r['latency_ms_per_image'], '.2f')} | "
             f"{', '.join(map(str, r['seeds']))} |")
-    lines += ["", f"Latency: warm median ms per image at batch {args.latency_batch} on {device_name(device)}.",
+    latency = ("not measured (--skip-latency)" if args.skip_latency else
+               f"warm median ms per image at batch {args.latency_batch} on {device_name(device)}")
+    lines += ["", f"Latency: {latency}.",
               *(["", f"Not averaged in ({len(skipped)}):", *[f"- {s}" for s in skipped]] if skipped else [])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
