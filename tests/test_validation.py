@@ -95,7 +95,7 @@ def test_every_rule_names_a_key_the_configs_have():
     from dmd.validation import RULES
 
     presets = {"train": [["experiment=fmnist_dmd"], ["experiment=gmm_dmd2"], ["experiment=t2i_tiny"],
-                         ["experiment=gmm_sid"]],
+                         ["experiment=gmm_sid"], ["experiment=gmm_cd"], ["experiment=gmm_pd"]],
                "sample": [["out=x.npz"]], "evaluate": [[]], "pretrain": [[]], "train_classifier": [[]]}
     for task, rules in RULES.items():
         cfgs = [_cfg(task, *o) for o in presets[task]]
