@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd.files import atomic_folder
+from dmd.sampling import ode_step
 
 SAMPLINGS = ("fresh", "ddim")
 
@@ -49,12 +50,9 @@ class Generator(nn.Module):
         return self.denoiser.schedule.add_noise(x0, eps, t)
 
     def ddim_input(self, x_prev: Tensor, x0: Tensor, k: int) -> Tensor:
-        """Input of step k by DDIM (eta = 0) from step k-1's input and its x0 prediction."""
-        schedule, batch = self.denoiser.schedule, x0.shape[0]
-        a, s = schedule.alpha_sigma(torch.full((batch,), self.timesteps[k - 1], device=x0.device), x0)
-        a_k, s_k = schedule.alpha_sigma(torch.full((batch,), self.timesteps[k], device=x0.device), x0)
-        eps = (x_prev.to(a.dtype) - a * x0.to(a.dtype)) / s
-        return (a_k * x0.to(a.dtype) + s_k * eps).to(x0.dtype)
+        """Input of step k by DDIM (eta = 0): the teacher samplers' ODE step from step k-1's input."""
+        t_prev, t = (torch.full((x0.shape[0],), self.timesteps[j], device=x0.device) for j in (k - 1, k))
+        return ode_step(x_prev, x0, t_prev, t, self.denoiser.schedule)
 
     def next_input(self, x_prev: Tensor, x0: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """Input of step k from step k-1's input and x0 prediction (see ``sampling``)."""

@@ -24,7 +24,7 @@ import torch
 
 from dmd.conditioning import guided_x0
 from dmd.generator import Generator
-from dmd.losses import consistency_loss
+from dmd.losses import CONSISTENCY_DISTANCES, consistency_loss
 from dmd.sampling import ode_step
 from dmd.schedule import trailing_timesteps
 from dmd.student import StudentModule, copy_denoiser
@@ -67,7 +67,8 @@ class CDModule(StudentModule):
             raise ValueError("A consistency model samples by re-noising with fresh noise (sampling='fresh').")
         self.guidance_scale, self.target_decay = guidance_scale, target_decay
         self.distance, self.huber_c = distance, huber_c
-        consistency_loss(torch.zeros(1), torch.zeros(1), distance)  # an unknown distance fails here
+        if distance not in CONSISTENCY_DISTANCES:
+            raise ValueError(f"Unknown consistency distance {distance!r}; choose one of {CONSISTENCY_DISTANCES}.")
         # theta^-: trained state (checkpointed), updated only by the EMA step.
         self.target_network = copy_denoiser(generator.denoiser).requires_grad_(False).eval()
 
