@@ -27,6 +27,8 @@ output, ``grad_norm/x/{dm,gan,regression}``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -71,9 +73,11 @@ class DMDModule(StudentModule):
                  regression_weight: float = 0.0, regression_pairs: dict | None = None,
                  regression_distance: nn.Module | None = None, regression_batch_size: int = 0,
                  backward_simulation: bool = True, ema_decay: float | None = None,
-                 max_iterations: int | None = None, seed: int = 0, max_network_passes: int | None = None):
+                 max_iterations: int | None = None, seed: int = 0, max_network_passes: int | None = None,
+                 finite_check_every: int | None = None):
         super().__init__(teacher, generator, lr_generator, betas, weight_decay, warmup_steps, grad_clip,
-                         ema_decay, max_iterations, seed, regression_distance, max_network_passes)
+                         ema_decay, max_iterations, seed, regression_distance, max_network_passes,
+                         finite_check_every)
         if ttur_ratio < 1:
             raise ValueError(f"ttur_ratio must be >= 1, got {ttur_ratio}.")
         if regression_weight > 0 and (regression_pairs is None or regression_distance is None):
@@ -129,7 +133,7 @@ class DMDModule(StudentModule):
         logs.update(self.fake_score_step(real, cond, x, opt_f, sched_f))
 
         logs.update({"lr/generator": sched_g.get_last_lr()[0], "lr/fake": sched_f.get_last_lr()[0]})
-        self.log("loss_fake", logs["loss/fake"], prog_bar=True, logger=False)
+        self.progress("loss_fake", logs["loss/fake"])
         self.finish_iteration(logs)
         return None
 
@@ -146,7 +150,8 @@ class DMDModule(StudentModule):
             if self.gan_balance == "adaptive":  # ||g_gan|| = ratio * ||g_dm||: g_dm is known before
                 g_dm = torch.autograd.grad(loss, x_dm, retain_graph=True)[0]  # backward (cheap: an MSE)
                 rescale = self.gan_grad_ratio * g_dm.detach().float().norm()
-            loss_gan = gan_generator_loss(self.discriminate(_watch(x, "gan", norms, rescale), cond))
+            with self.discriminator_frozen():  # the GAN loss trains the generator only
+                loss_gan = gan_generator_loss(self.discriminate(_watch(x, "gan", norms, rescale), cond))
             loss = loss + self.gan_weight * loss_gan
             logs["loss/gan_generator"] = loss_gan.detach()
         if self.regression_weight > 0:
@@ -203,6 +208,22 @@ class DMDModule(StudentModule):
     def discriminate(self, x, cond):
         return discriminator_logits(self.fake_score, self.gan_head, x, cond, self.gan_t_range,
                                     generator=self.rng)
+
+    @contextlib.contextmanager
+    def discriminator_frozen(self):
+        """The fake score's and the head's weights out of the autograd graph: the generator's GAN
+        loss then backpropagates to the sample only, not into gradients of the discriminator that
+        its own step would clear. (Sharded networks keep theirs: FSDP fixes which of its
+        parameters take gradients when it first runs.)"""
+        params = [] if self.sharded else [p for p in [*self.fake_score.parameters(), *self._head_parameters()]
+                                          if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def regression_term(self, norms: dict | None = None):
         """Regression loss on a random batch of cached teacher pairs (DMD)."""

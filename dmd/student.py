@@ -66,7 +66,8 @@ class StudentModule(pl.LightningModule):
                  betas=(0.9, 0.999), weight_decay: float = 0.01, warmup_steps: int = 0,
                  grad_clip: float = 10.0, ema_decay: float | None = None,
                  max_iterations: int | None = None, seed: int = 0,
-                 regression_distance: nn.Module | None = None, max_network_passes: int | None = None):
+                 regression_distance: nn.Module | None = None, max_network_passes: int | None = None,
+                 finite_check_every: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.teacher = teacher
@@ -87,6 +88,8 @@ class StudentModule(pl.LightningModule):
         self.iteration = self.generator_steps = self.fake_steps = 0
         self.network_passes, self.max_network_passes = 0, max_network_passes
         self._counting = False  # inside a training iteration (not evaluation or release)
+        self.finite_check_every = finite_check_every  # None: auto (see finite_check_interval)
+        self._unchecked: list = []  # (iteration, which, loss) of losses not yet checked
         self._pass_hooks: list = []
         # (iteration, step) pairs backward simulation trained, hashed: ranks compare it (train.py)
         self.backward_simulation_trace = hashlib.sha256()
@@ -119,6 +122,8 @@ class StudentModule(pl.LightningModule):
     def finish_iteration(self, logs: dict) -> None:
         """Count the iteration, log it and stop at the run's length (or spent pass budget)."""
         self.iteration += 1
+        if self.iteration % self.finite_check_interval == 0:
+            self.verify_finite()
         logs.update({"counters/iteration": float(self.iteration),
                      "counters/generator_steps": float(self.generator_steps),
                      "counters/fake_steps": float(self.fake_steps),
@@ -128,6 +133,12 @@ class StudentModule(pl.LightningModule):
             self.trainer.should_stop = True
         if self.budget_spent:
             self.trainer.should_stop = True
+
+    def progress(self, name: str, value) -> None:
+        """Show ``value`` on the progress bar, refreshed on logging steps only: Lightning reads a
+        progress-bar tensor on the host at every step it is logged (a GPU sync)."""
+        if self.iteration % self.trainer.log_every_n_steps == 0:
+            self.log(name, value, prog_bar=True, logger=False)
 
     @property
     def budget_spent(self) -> bool:
@@ -198,13 +209,38 @@ class StudentModule(pl.LightningModule):
         return torch.randn(n, *self.teacher.sample_shape, generator=self.rng).to(self.device)
 
     def _check_finite(self, loss, which: str):
-        # Every rank learns of a non-finite loss on any rank (no rank left waiting in an all-reduce).
-        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
-            raise FloatingPointError(
-                f"Non-finite {which} loss (this rank: {loss.item()}) at iteration {self.iteration}. Training "
-                "stopped before this update; <run dir>/checkpoints/last.ckpt (the last periodic "
-                "save) is a good state to resume from. Lower optim.lr_generator / optim.lr_fake or "
-                "raise optim.warmup_steps.")
+        """Check that ``loss`` is finite before its update (``finite_check_every`` = 1, the CPU
+        default), or queue the check for the next :meth:`verify_finite`, so that on a GPU the hot
+        path never waits for the device (a check reads the value on the host)."""
+        self._unchecked.append((self.iteration, which, loss.detach()))
+        if self.finite_check_interval == 1:
+            self.verify_finite()
+
+    @property
+    def finite_check_interval(self) -> int:
+        """Iterations between checks of the losses: ``finite_check_every``, or 1 on the CPU and
+        10 on accelerators (auto)."""
+        if self.finite_check_every:
+            return int(self.finite_check_every)
+        return 1 if self.device.type == "cpu" else 10
+
+    def verify_finite(self) -> None:
+        """Raise if a loss queued by :meth:`_check_finite` is not finite: one host read of the
+        device, and every rank learns of a non-finite loss on any rank (none is left waiting in
+        an all-reduce). Called before every save, release and evaluation, so that nothing is
+        written from weights a non-finite loss has updated. Collective."""
+        queued, self._unchecked = self._unchecked, []
+        bad = bool(queued) and not bool(torch.stack([torch.isfinite(q[2]).all() for q in queued]).all())
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        iteration, which, loss = next((q for q in queued if not torch.isfinite(q[2]).all()),
+                                      (self.iteration, "(another rank's)", float("nan")))
+        after = ("Training stopped before this update" if self.finite_check_interval == 1 else
+                 f"Training stopped at iteration {self.iteration}, with nothing saved since")
+        raise FloatingPointError(
+            f"Non-finite {which} loss (this rank: {float(loss)}) at iteration {iteration}. {after}; "
+            "<run dir>/checkpoints/last.ckpt (the last periodic save) is a good state to resume "
+            "from. Lower optim.lr_generator / optim.lr_fake or raise optim.warmup_steps.")
 
     def _step(self, optimizer, scheduler, loss):
         optimizer.zero_grad(set_to_none=True)
@@ -225,7 +261,7 @@ class StudentModule(pl.LightningModule):
         if self.ema is not None:
             self.ema.step(optimized(opt))
         self.generator_steps += 1
-        self.log(f"loss_{name}", logs[f"loss/{name}"], prog_bar=True, logger=False)
+        self.progress(f"loss_{name}", logs[f"loss/{name}"])
         return logs
 
     def configure_optimizers(self):
@@ -234,6 +270,7 @@ class StudentModule(pl.LightningModule):
         return [opt], [warmup(opt, self.warmup_steps)]
 
     def on_save_checkpoint(self, checkpoint):
+        self.verify_finite()  # never save weights a non-finite loss has updated
         checkpoint["dmd_counters"] = {"iteration": self.iteration,
                                       "generator_steps": self.generator_steps,
                                       "fake_steps": self.fake_steps, "network_passes": self.network_passes}
@@ -295,6 +332,7 @@ class StudentModule(pl.LightningModule):
         """A copy of the generator with the EMA weights if EMA is on (the model to release), on
         rank 0; None on the other ranks. Collective: under FSDP every rank must call it (the
         shards are gathered to rank 0)."""
+        self.verify_finite()
         if self.sharded:
             return self._gather_generator()
         if self.global_rank != 0:
@@ -328,5 +366,5 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 def copy_denoiser(denoiser: nn.Module) -> nn.Module:
     """A trainable copy of a network (generator and fake score start from the teacher's, or from
-    its float32 reload when the teacher is kept in half precision: see ``train.student_init``)."""
+    its float32 reload when the teacher is kept in half precision: see ``dmd.build.student_init``)."""
     return copy.deepcopy(denoiser).requires_grad_(True).train()

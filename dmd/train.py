@@ -24,25 +24,20 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dmd.build import build_module, student_init
 from dmd.callbacks.checkpoint import checkpoint_iteration, previous_save
 from dmd.callbacks.evaluation import EvaluationCallback
 from dmd.callbacks.rounds import RoundReleases
 from dmd.distances import build_distance, digest
 from dmd.draw import sample_generator
 from dmd.files import read_results, update_results
-from dmd.generator import Generator, load_generator, save_generator
-from dmd.methods.cd import CDModule
-from dmd.methods.kd import KDModule
+from dmd.generator import load_generator, save_generator
 from dmd.methods.pd import PDModule
-from dmd.methods.sid import SiDModule
 from dmd.metrics.evaluator import check_independent
-from dmd.module import DMDModule
 from dmd.provenance import run_provenance
-from dmd.regression_pairs import pairs_for_config
 from dmd.rundir import claim_run_dir
 from dmd.runs import (
     build_trainer,
@@ -51,9 +46,8 @@ from dmd.runs import (
     require,
     resolve_ckpt_path,
 )
-from dmd.student import StudentModule, copy_denoiser
-from dmd.t2i.lora import add_lora
-from dmd.teachers import Teacher, load_teacher, weights_digest
+from dmd.student import StudentModule
+from dmd.teachers import Teacher, weights_digest
 from dmd.validation import validate
 from dmd.visualize import save_sample_grid
 
@@ -63,93 +57,6 @@ log = logging.getLogger(__name__)
 # and RNG state of that moment: exactly what an exact resume needs, so Lightning's note on
 # manual optimisation does not apply.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-
-
-def student_init(teacher: Teacher, init: str | None) -> Teacher:
-    """The network generator and fake score start from: the teacher's, or the one at ``init``
-    (e.g. a trained MLP when the real score is the analytic mixture)."""
-    if teacher.pipeline_class is not None:  # text-to-image
-        require(not init, "init= is not supported for text-to-image teachers: the generator and fake "
-                "score start from the teacher's UNet (set init=null).")
-        return teacher if teacher.denoiser.unet.dtype == torch.float32 else teacher.with_float32_unet()
-    if not init:
-        require(hasattr(teacher.denoiser, "unet"),
-                f"the teacher ({type(teacher.denoiser).__name__}) has no network to copy into the "
-                "generator and fake score: set init=<diffusers folder> (e.g. "
-                "init=${paths.checkpoints_dir}/gmm8_mlp for the 2-D mixtures).")
-        return teacher
-    source = load_teacher(init)
-    require(tuple(source.sample_shape) == tuple(teacher.sample_shape),
-            f"init={init} makes samples of shape {source.sample_shape}, the teacher "
-            f"{teacher.sample_shape}.")
-    require(source.num_classes == teacher.num_classes,
-            f"init={init} has {source.num_classes} classes, the teacher {teacher.num_classes}.")
-    require(source.denoiser.schedule.same_as(teacher.denoiser.schedule),
-            f"init={init} was trained with a different noise schedule than the teacher.")
-    return source
-
-
-def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:
-    """The LightningModule of ``algorithm.method``: DMD/DMD2, SiD, knowledge, consistency or
-    progressive distillation."""
-    a, o = cfg.algorithm, cfg.optim
-    method = a.get("method", "dmd")
-    T = teacher.denoiser.schedule.num_train_timesteps
-    require(a.ttur_ratio >= 1, f"algorithm.ttur_ratio must be >= 1, got {a.ttur_ratio}.")
-    require(all(0 <= t < T for t in a.generator_timesteps),
-            f"algorithm.generator_timesteps={list(a.generator_timesteps)} must lie in [0, {T - 1}].")
-    reg = a.regression
-    uses_pairs = method == "kd" or reg.weight > 0
-    require(not uses_pairs or reg.batch_size >= 1,
-            f"algorithm.regression.batch_size must be >= 1, got {reg.batch_size}.")
-    require(not uses_pairs or teacher.pipeline_class is None,
-            "Teacher noise -> image pairs (DMD's regression loss, knowledge distillation) are not "
-            "supported for text-to-image teachers (DMD2 drops the regression): set "
-            "algorithm.regression.weight=0, or use algorithm=dmd2.")
-    generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps,
-                          sampling="ddim" if method == "pd" else "fresh")  # PD's students take DDIM steps
-    fake_score = copy_denoiser(init.denoiser) if method in ("dmd", "sid") else None  # the others have none
-    lora = a.get("lora") or {}
-    trained = [(generator.denoiser, lora.get("generator_rank", 0)), (fake_score, lora.get("fake_score_rank", 0))]
-    trained = [(net, rank) for net, rank in trained if net is not None]
-    for net, rank in trained:
-        if rank:
-            require(hasattr(net.unet, "add_adapter"), f"LoRA needs a diffusers UNet; this teacher's "
-                    f"network is a {type(net.unet).__name__}: set algorithm.lora ranks to 0.")
-            add_lora(net.unet, rank, lora.get("alpha"))
-    if cfg.get("gradient_checkpointing"):
-        for net, _ in trained:
-            require(hasattr(net.unet, "enable_gradient_checkpointing"), "gradient_checkpointing needs a "
-                    f"diffusers UNet; this teacher's network is a {type(net.unet).__name__}.")
-            net.unet.enable_gradient_checkpointing()
-    pairs = distance = None
-    if uses_pairs:
-        pairs = pairs_for_config(cfg, teacher)
-        distance = build_distance(reg.distance, reg.get("network"))
-    student = dict(lr_generator=o.lr_generator, betas=o.betas, weight_decay=o.weight_decay,
-                   warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=a.ema_decay,
-                   max_iterations=cfg.max_iterations, seed=cfg.seed,
-                   max_network_passes=cfg.get("max_network_passes"))
-    if method == "kd":
-        return KDModule(teacher, generator, pairs, distance, batch_size=reg.batch_size, **student)
-    if method == "cd":
-        return CDModule(teacher, generator, guidance_scale=a.guidance_scale, **a.cd, **student)
-    if method == "pd":
-        return PDModule(teacher, generator, guidance_scale=a.guidance_scale, batch_size=cfg.data.batch_size,
-                        **a.pd, **student)
-    module, extra = DMDModule, {}
-    if method == "sid":
-        module, extra = SiDModule, {"alpha": a.sid.alpha}
-    return module(
-        teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
-        lr_fake=o.lr_fake, dm_weight=a.dm_weight, dm_t_range=a.dm_t_range,
-        timestep_distribution=a.get("timestep_distribution", "uniform"),
-        gan_generator_weight=a.gan.generator_weight,
-        gan_discriminator_weight=a.gan.discriminator_weight, gan_t_range=a.gan.t_range,
-        gan_balance=a.gan.balance, gan_reference_dim=a.gan.reference_dim,
-        gan_grad_ratio=a.gan.grad_ratio,
-        regression_weight=reg.weight, regression_pairs=pairs, regression_distance=distance,
-        regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation, **student, **extra)
 
 
 def rank_states(module: StudentModule) -> list[dict]:

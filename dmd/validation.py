@@ -112,7 +112,7 @@ EVAL = [("eval.num_samples", whole(2)), ("eval.every_n_generator_steps", whole(1
 TRAIN = [
     ("data.num_samples", whole(1)),
     ("max_iterations", whole(1)), ("generator_steps", whole(1, optional=True)),
-    ("max_network_passes", whole(1, optional=True)),
+    ("max_network_passes", whole(1, optional=True)), ("finite_check_every", whole(1, optional=True)),
     ("algorithm.ttur_ratio", whole(1)), ("algorithm.guidance_scale", number(0)),
     ("algorithm.generator_timesteps", whole_list(0)), ("algorithm.dm_weight", number(0)),
     ("algorithm.dm_t_range", fraction_range()),

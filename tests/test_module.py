@@ -74,25 +74,47 @@ def test_a_checkpoint_of_other_networks_is_refused_in_one_sentence(tmp_path):
         _fit(wider, 3, tmp_path, epochs=2, ckpt_path=tmp_path / "small.ckpt")
 
 
+class _NaNNet(torch.nn.Module):  # a network whose outputs are NaN
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        out.sample = out.sample * float("nan")
+        return out
+
+
 def test_non_finite_loss_stops_training_before_the_update(tmp_path):
     module = _module(1)
-
-    class NaNNet(torch.nn.Module):  # a fake score whose outputs are NaN
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args, **kwargs):
-            out = self.inner(*args, **kwargs)
-            out.sample = out.sample * float("nan")
-            return out
-
-    module.fake_score.unet = NaNNet(module.fake_score.unet)
+    module.fake_score.unet = _NaNNet(module.fake_score.unet)
     before = {k: v.clone() for k, v in module.fake_score.state_dict().items()}
-    with pytest.raises(FloatingPointError, match="Non-finite fake score loss .* good state to resume from"):
+    with pytest.raises(FloatingPointError, match="Non-finite fake score loss .* before this update.* good state to resume from"):
         _fit(module, 3, tmp_path)
     after = module.fake_score.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_queued_finite_checks_run_before_any_save(tmp_path):
+    """finite_check_every > 1 (the GPU default: no host read per update) checks the queued losses
+    every N iterations and before a checkpoint is written: a non-finite loss never reaches a save."""
+    from dmd.callbacks.checkpoint import IterationCheckpoint
+
+    module = _module(1)
+    module.finite_check_every = 5
+    module.fake_score.unet = _NaNNet(module.fake_score.unet)
+    data = DataLoader(_MixtureSamples(GaussianMixture.ring(), 40, 0), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[IterationCheckpoint(str(tmp_path / "ckpt"), every_n_iterations=2)])
+    with pytest.raises(FloatingPointError, match="fake score loss .* at iteration 0. Training stopped at "
+                                                 "iteration 2, with nothing saved since"):
+        trainer.fit(module, data)
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+    finite = _module(1)  # finite losses: checked at iterations 5 and 10 and the run completes
+    finite.finite_check_every = 5
+    _fit(finite, 10, tmp_path / "finite")
+    assert finite.iteration == 10 and finite._unchecked == []
 
 
 def test_gan_head_reads_the_bottleneck_and_trains_the_fake_encoder(tiny_unet_kwargs):
@@ -183,3 +205,32 @@ def test_gan_balance_dimension_and_adaptive(tiny_unet_kwargs, tmp_path):
     assert generator_norms[0] != pytest.approx(generator_norms[1], rel=1e-3)  # the rescaled gradient is the one applied
     with pytest.raises(ValueError, match="gan_balance"):
         _gan_module(tiny_unet_kwargs, gan_generator_weight=1e-3, gan_balance="auto")
+
+
+def test_gan_generator_loss_trains_the_generator_only_and_changes_no_number(tiny_unet_kwargs, tmp_path,
+                                                                            monkeypatch):
+    """The generator's GAN term backpropagates to the sample only (no discriminator gradients
+    that the fake-score step would clear); the generator's update is bit-identical to
+    backpropagating into the discriminator too."""
+    import contextlib
+
+    def run(freeze: bool):
+        module = _gan_module(tiny_unet_kwargs, gan_generator_weight=1e-2)
+        if not freeze:
+            monkeypatch.setattr(module, "discriminator_frozen", contextlib.nullcontext)
+        had_grads = []
+        fake_step = module.fake_score_step
+
+        def spy(*args, **kwargs):  # the first iteration's generator step has just run
+            params = [*module.fake_score.parameters(), *module.gan_head.parameters()]
+            had_grads.append(any(p.grad is not None for p in params))
+            return fake_step(*args, **kwargs)
+
+        monkeypatch.setattr(module, "fake_score_step", spy)
+        _one_generator_step(module, tmp_path)
+        return had_grads[0], module.generator.state_dict()
+
+    frozen_grads, frozen = run(True)
+    full_grads, full = run(False)
+    assert (frozen_grads, full_grads) == (False, True)
+    assert all(torch.equal(frozen[k], full[k]) for k in full)

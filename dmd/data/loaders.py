@@ -33,11 +33,11 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=gen)
+        order = torch.randperm(self.n, generator=gen).tolist()
         start, self.start = self.start, 0
         for i in range(start, self.n):
             self.yielded = i + 1
-            yield int(order[i])
+            yield order[i]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "yielded": self.yielded}

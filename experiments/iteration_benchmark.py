@@ -1,0 +1,348 @@
+"""What one DMD2 iteration costs against what its network passes must cost (issue 18).
+
+    python experiments/iteration_benchmark.py [--preset fmnist_dmd2 fmnist_dmd2_4step t2i_tiny]
+        [--iterations 50] [--warmup 10] [--probe-iterations 10] [--override KEY=VALUE ...]
+        [--out experiments/results/iteration_benchmark]
+
+For each preset the module is built exactly as ``python -m dmd.train experiment=<preset>`` builds
+it (:func:`dmd.build.build_module`) and trained by a Lightning Trainer from the preset's trainer
+config (no logger, progress bar, checkpoint or evaluation callback: their cost is not the
+iteration's). Reported:
+
+- wall time per iteration (median over ``--iterations`` after ``--warmup``; an iteration runs from
+  one ``on_train_batch_start`` to the next, so data loading and Lightning's own work count), split
+  into generator iterations (every TTUR-ratio-th: generator update + fake-score update) and
+  fake-score iterations;
+- the same iteration's network passes timed alone, back to back, on the same batch: generator
+  forward (+ backward), the real score's (CFG) forward, the fake score's forward and forward +
+  backward, the discriminator (fake score's encoder + head) forward + backward for its own step and
+  forward + backward to the sample only (the generator's GAN loss); their sum per iteration type and
+  the ratio iteration / sum of passes (everything else -- loss arithmetic, optimiser steps, EMA,
+  gradient norms and clipping, bookkeeping -- is overhead; the AdamW steps are timed alone too);
+- generator updates per hour, peak memory (peak RSS of the process on the CPU,
+  ``torch.cuda.max_memory_allocated`` on a GPU);
+- host synchronisations per iteration (reads of GPU tensors' values, ``.item()`` and friends)
+  and the reads of tensor values made by dmd's own code (the hot path's; measurable on the CPU
+  too), over ``--probe-iterations`` iterations; on a GPU, over as many more under
+  ``torch.profiler``, the share of wall time in which no kernel runs.
+
+Writes ``<out>.json`` and ``<out>.md``. Runs on the CPU or on one GPU (the default device of the
+preset's trainer config); everything else is the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dmd import ROOT_DIR
+from dmd.build import build_module, student_init
+from dmd.conditioning import guided_x0
+from dmd.gan import bottleneck_features
+from dmd.module import DMDModule
+
+
+def compose_train(preset: str, overrides=()):
+    with initialize_config_dir(str(ROOT_DIR / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={preset}", *overrides])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ValueReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``aten::_local_scalar_dense``: ``.item()``,
+    ``float(t)``, ``if t:``): on a GPU, those of device tensors are host synchronisations. On any
+    device it also counts those made by dmd's own code and by Lightning's (its logging): on a GPU
+    they read device tensors (torch's optimisers read their CPU step counters: never a sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.device_reads = self.dmd_reads = self.lightning_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.device_reads += args[0].device.type != "cpu"
+            frames = [f.filename for f in traceback.extract_stack()[:-1]]
+            if any(f"{os.sep}torch{os.sep}optim{os.sep}" in f for f in frames):
+                return func(*args, **(kwargs or {}))  # an optimiser's CPU step counter
+            caller = next((f for f in reversed(frames) if f"{os.sep}torch{os.sep}" not in f
+                           and "python_dispatch" not in f), "")
+            self.dmd_reads += f"{os.sep}dmd{os.sep}" in caller
+            self.lightning_reads += "lightning" in caller
+        return func(*args, **(kwargs or {}))
+
+
+class IterationTimer(pl.Callback):
+    """Wall time of the iterations ``timed`` (one batch start to the next), by iteration type;
+    then ``probe`` iterations that count the host's tensor-value reads (:class:`ValueReads`) and,
+    on a GPU, ``probe`` iterations under ``torch.profiler`` (the share of time no kernel runs)."""
+
+    def __init__(self, timed: range, probe: int):
+        self.timed, self.probe = timed, probe
+        self.times: dict[str, list[float]] = {"generator": [], "fake": []}
+        self._last: tuple[float, str, int] | None = None
+        self.probes: dict = {}
+        self._open = None  # (kind, context, start time, start iteration)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        now = self._now(module)
+        it = module.iteration
+        reads_from = self.timed.stop
+        profile_from = reads_from + self.probe
+        if self.probe and it == reads_from:
+            self._start("reads", ValueReads(), now, it)
+        elif self.probe and it == profile_from and module.device.type == "cuda":
+            self._stop(now, it)
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self._start("profile", torch.profiler.profile(activities=activities), now, it)
+        self._last = (now, "generator" if it % module.ttur_ratio == 0 else "fake", it)
+
+    def on_train_end(self, trainer, module):
+        self._stop(self._now(module), module.iteration)
+
+    def _start(self, kind, context, now, it):
+        context.__enter__()
+        self._open = (kind, context, now, it)
+
+    def _stop(self, now, it):
+        if self._open is None:
+            return
+        kind, context, start, first = self._open
+        context.__exit__(None, None, None)
+        self._open, n = None, max(1, it - first)
+        if kind == "reads":
+            self.probes["probed_iterations"] = n
+            self.probes["host_syncs_per_iteration"] = context.device_reads / n
+            self.probes["value_reads_in_dmd_per_iteration"] = context.dmd_reads / n
+            self.probes["value_reads_in_lightning_per_iteration"] = context.lightning_reads / n
+        else:
+            self.probes["gpu_idle_share"] = gpu_idle_share(context, now - start)
+
+    def _now(self, module) -> float:
+        """The time now; closes the previous iteration (recorded if it is a timed one)."""
+        _sync(module.device)
+        now = time.perf_counter()
+        if self._last is not None and self._last[2] in self.timed:
+            self.times[self._last[1]].append(now - self._last[0])
+        return now
+
+
+def gpu_idle_share(prof, wall: float) -> float:
+    """The share of ``wall`` seconds in which no CUDA kernel ran (union of kernel intervals)."""
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not kernels:
+        return 1.0
+    busy, (lo, hi) = 0.0, kernels[0]
+    for s, e in kernels[1:]:
+        if s > hi:
+            busy, lo, hi = busy + hi - lo, s, e
+        else:
+            hi = max(hi, e)
+    busy += hi - lo
+    return max(0.0, 1.0 - busy * 1e-6 / wall)
+
+
+def time_call(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _backward(out: torch.Tensor) -> None:
+    (out.float() * torch.randn_like(out, dtype=torch.float32)).sum().backward()
+
+
+def pass_costs(module: DMDModule, batch, repeats: int) -> dict[str, float]:
+    """Each network pass of a DMD2 iteration timed alone on ``batch`` (seconds, median)."""
+    device = module.device
+    real, cond = module.data_batch(batch)
+    n = real.shape[0]
+    uncond = module.teacher.null_condition(n, device)
+    T = module.real_score.schedule.num_train_timesteps
+    t = torch.full((n,), T // 2, device=device, dtype=torch.long)
+    with torch.no_grad():
+        x_t = module.generate(n, cond)
+    fake, head = module.fake_score, module.gan_head
+
+    def generator_forward():
+        with torch.no_grad():
+            module.generate(n, cond)
+
+    def discriminator_to_sample():  # the generator's GAN loss: gradients reach the sample only
+        x = x_t.detach().requires_grad_(True)
+        with module.discriminator_frozen():
+            torch.autograd.grad(head(bottleneck_features(fake, x, t, cond)).sum(), x)
+
+    passes = {
+        "generator forward": generator_forward,
+        "generator forward+backward": lambda: _backward(module.generate(n, cond)),
+        "real score forward (CFG)": lambda: _no_grad(guided_x0, module.real_score, x_t, t, cond, uncond,
+                                                     module.guidance_scale),
+        "fake score forward": lambda: _no_grad(fake, x_t, t, cond),
+        "fake score forward+backward": lambda: _backward(fake(x_t, t, cond)),
+    }
+    if head is not None:
+        passes["discriminator forward+backward"] = lambda: _backward(head(bottleneck_features(fake, x_t, t, cond)))
+        passes["discriminator forward+backward to the sample"] = discriminator_to_sample
+    costs = {name: time_call(fn, device, repeats) for name, fn in passes.items()}
+    for p in [*module.parameters()]:
+        p.grad = None
+    return costs
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def expected_passes(module: DMDModule, costs: dict[str, float]) -> dict[str, float]:
+    """Sum of pass costs of each iteration type (what the iteration must cost)."""
+    fake_step = costs["fake score forward+backward"]
+    if module.gan_discriminator_weight > 0:
+        fake_step += 2 * costs["discriminator forward+backward"]  # real and generated samples
+    generator = costs["generator forward+backward"] + costs["real score forward (CFG)"] + costs["fake score forward"]
+    if module.gan_generator_weight > 0:
+        generator += costs["discriminator forward+backward to the sample"]
+    return {"generator": generator + fake_step, "fake": costs["generator forward"] + fake_step}
+
+
+def optimizer_costs(module: DMDModule, repeats: int) -> dict[str, float]:
+    """One AdamW step of each optimiser alone (gradients present), seconds."""
+    out = {}
+    for name, opt in zip(("generator", "fake"), module.optimizers()):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        out[f"AdamW step ({name})"] = time_call(opt.step, module.device, repeats)
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def benchmark(preset: str, overrides=(), iterations: int = 50, warmup: int = 10, probe: int = 10,
+              repeats: int = 20) -> dict:
+    """Train ``preset`` for warmup + iterations (+ probe) iterations and time them; time the
+    same passes alone. Returns the report row."""
+    cfg = compose_train(preset, ["logger=none", *overrides])
+    pl.seed_everything(cfg.seed)
+    teacher = instantiate(cfg.teacher)
+    module = build_module(cfg, teacher, student_init(teacher, cfg.init))
+    if not isinstance(module, DMDModule) or module.regression_weight > 0 or type(module) is not DMDModule:
+        raise SystemExit(f"{preset}: the benchmark models DMD2's passes (no regression term, not SiD).")
+    ratio = module.ttur_ratio
+    module.max_iterations = warmup + iterations + probe * (2 if torch.cuda.is_available() else 1)
+    datamodule = instantiate(cfg.data)
+    timer = IterationTimer(range(warmup, warmup + iterations), probe)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[timer], enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=datamodule)
+    peak = peak_memory_mb(module.device)
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = module.transfer_batch_to_device(batch, module.device, 0)
+    costs = pass_costs(module, batch, repeats)
+    costs.update(optimizer_costs(module, repeats))
+    must = expected_passes(module, costs)
+    med = {k: statistics.median(v) for k, v in timer.times.items() if v}
+    per_iteration = (med["generator"] + (ratio - 1) * med.get("fake", 0.0)) / ratio
+    must_per_iteration = (must["generator"] + (ratio - 1) * must["fake"]) / ratio
+    return {
+        "preset": preset, "overrides": list(overrides), "device": _device_name(module.device),
+        "batch_size": int(cfg.data.batch_size), "ttur_ratio": ratio, "generator_steps": module.generator.num_steps,
+        "timed_iterations": {k: len(v) for k, v in timer.times.items()},
+        "iteration_s": {**med, "mean_over_ttur_cycle": per_iteration},
+        "passes_alone_s": costs, "sum_of_passes_s": {**must, "mean_over_ttur_cycle": must_per_iteration},
+        "ratio_iteration_to_passes": {k: med[k] / must[k] for k in med} | {
+            "mean_over_ttur_cycle": per_iteration / must_per_iteration},
+        "generator_updates_per_hour": 3600 / (per_iteration * ratio),
+        "peak_memory_mb": peak, **timer.probes,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    head = ["preset", "device", "batch", "iteration (gen / fake) ms", "sum of passes (gen / fake) ms",
+            "iteration / passes", "generator updates / h", "peak memory MiB", "host syncs / iteration", "value reads (dmd / Lightning) / iteration",
+            "GPU idle"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        it, must, ratio = r["iteration_s"], r["sum_of_passes_s"], r["ratio_iteration_to_passes"]
+        idle = f"{100 * r['gpu_idle_share']:.0f}%" if "gpu_idle_share" in r else "-"
+        lines.append(
+            f"| {r['preset']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''} | {r['device']} | "
+            f"{r['batch_size']} | {1e3 * it['generator']:.1f} / {1e3 * it.get('fake', 0):.1f} | "
+            f"{1e3 * must['generator']:.1f} / {1e3 * must['fake']:.1f} | "
+            f"{ratio['mean_over_ttur_cycle']:.3f} | {r['generator_updates_per_hour']:.0f} | "
+            f"{r['peak_memory_mb']:.0f} | {r.get('host_syncs_per_iteration', 0):.1f} | "
+            f"{r.get('value_reads_in_dmd_per_iteration', 0):.1f} / "
+            f"{r.get('value_reads_in_lightning_per_iteration', 0):.1f} | {idle} |")
+    lines += ["", "Iteration: median wall time from one batch start to the next (generator iterations "
+              "update the generator and the fake score, fake-score iterations the fake score only); "
+              "sum of passes: the same network passes timed alone, back to back "
+              "(per pass: experiments/results/iteration_benchmark.json); the ratio is over one TTUR cycle.",
+              "", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["fmnist_dmd2", "fmnist_dmd2_4step", "t2i_tiny"])
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--probe-iterations", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20, help="timings of each pass alone")
+    p.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every preset")
+    p.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "iteration_benchmark"))
+    args = p.parse_args()
+    rows = []
+    for preset in args.preset:
+        row = benchmark(preset, args.override, args.iterations, args.warmup, args.probe_iterations, args.repeats)
+        print(json.dumps(row, indent=1), flush=True)
+        rows.append(row)
+    command = "python experiments/iteration_benchmark.py " + " ".join(sys.argv[1:])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, command))
+    print(markdown(rows, command))
+
+
+if __name__ == "__main__":
+    main()
