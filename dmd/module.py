@@ -213,10 +213,13 @@ class DMDModule(StudentModule):
     def discriminator_frozen(self):
         """The fake score's and the head's weights out of the autograd graph: the generator's GAN
         loss then backpropagates to the sample only, not into gradients of the discriminator that
-        its own step would clear. (Sharded networks keep theirs: FSDP fixes which of its
-        parameters take gradients when it first runs.)"""
-        params = [] if self.sharded else [p for p in [*self.fake_score.parameters(), *self._head_parameters()]
-                                          if p.requires_grad]
+        its own step would clear. Sharded networks keep theirs (FSDP fixes which of its
+        parameters take gradients when it first runs), and so do gradient-checkpointed ones (their
+        blocks are recomputed in backward, when the weights take gradients again: the recomputation
+        must save what the forward saved)."""
+        keep = self.sharded or getattr(self.fake_score.unet, "is_gradient_checkpointing", False)
+        params = [] if keep else [p for p in [*self.fake_score.parameters(), *self._head_parameters()]
+                                  if p.requires_grad]
         for p in params:
             p.requires_grad_(False)
         try:

@@ -2,7 +2,9 @@
 
     python experiments/iteration_benchmark.py [--preset fmnist_dmd2 fmnist_dmd2_4step t2i_tiny]
         [--iterations 50] [--warmup 10] [--probe-iterations 10] [--override KEY=VALUE ...]
-        [--out experiments/results/iteration_benchmark]
+        [--sd15 full full+gc lora64 lora64+gc] [--out experiments/results/iteration_benchmark]
+
+On a GPU, ``bash experiments/iteration_benchmark_gpu.sh`` gives every GPU row in one run.
 
 For each preset the module is built exactly as ``python -m dmd.train experiment=<preset>`` builds
 it (:func:`dmd.build.build_module`) and trained by a Lightning Trainer from the preset's trainer
@@ -33,6 +35,8 @@ preset's trainer config); everything else is the same code path.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -54,6 +58,7 @@ from dmd.build import build_module, student_init
 from dmd.conditioning import guided_x0
 from dmd.gan import bottleneck_features
 from dmd.module import DMDModule
+from dmd.teachers import Teacher
 
 
 def compose_train(preset: str, overrides=()):
@@ -243,6 +248,73 @@ def optimizer_costs(module: DMDModule, repeats: int) -> dict[str, float]:
     return out
 
 
+@dataclasses.dataclass
+class _TextTeacher(Teacher):
+    """A text-conditioned teacher on random prompt embeddings (no text encoder, no VAE: the
+    iteration never runs them; embeddings are cached in real runs)."""
+
+    tokens: int = 77
+
+    def condition(self, batch_condition):
+        return batch_condition
+
+    def null_condition(self, n: int, device=None):
+        width = self.denoiser.unet.config.cross_attention_dim
+        return {"encoder_hidden_states": torch.zeros(n, self.tokens, width, device=device)}
+
+
+def sd15_setup(batch_size: int, lora_rank: int = 0, checkpointing: bool = False, scale: str = "full",
+               teacher_dtype=torch.bfloat16):
+    """DMD2 (TTUR 5, GAN, CFG 1.75, one step) on a random UNet2DConditionModel of Stable
+    Diffusion 1.5's published config (``scale="tiny"``: a small one of the same kind, for tests),
+    64x64 latents; the teacher in ``teacher_dtype``, generator and fake score in float32 (fully
+    trained, or LoRA adapters of ``lora_rank``), with or without gradient checkpointing.
+    Returns (module, data loader of random latents and prompt embeddings)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from dmd.denoisers import DiffusersUNetDenoiser
+    from dmd.generator import Generator
+    from dmd.schedule import VPSchedule
+    from dmd.student import copy_denoiser
+    from dmd.t2i.lora import add_lora
+
+    spec = importlib.util.spec_from_file_location("memory_recipe", Path(__file__).with_name("memory_recipe.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = recipe.UNETS["SD1.5"]
+    if scale == "tiny":
+        config = {**config, "sample_size": 16, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
+                  "cross_attention_dim": 32, "norm_num_groups": 8}
+    size = config["sample_size"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedule = VPSchedule.from_diffusers(scheduler)
+    trained = [copy_denoiser(DiffusersUNetDenoiser(unet, schedule, "epsilon")) for _ in range(2)]
+    for net in trained:
+        if lora_rank:
+            add_lora(net.unet, lora_rank)
+        if checkpointing:
+            net.unet.enable_gradient_checkpointing()
+    frozen = DiffusersUNetDenoiser(unet.to(teacher_dtype), schedule, "epsilon")
+    teacher = _TextTeacher(frozen.requires_grad_(False), (4, size, size), 0, scheduler)
+    module = DMDModule(teacher, Generator(trained[0], (999,)), trained[1], guidance_scale=1.75, ttur_ratio=5,
+                       lr_generator=1e-5, lr_fake=1e-5, gan_generator_weight=1e-3,
+                       gan_discriminator_weight=1e-2, ema_decay=None, finite_check_every=None)
+    width = config["cross_attention_dim"]
+    latents = torch.randn(8 * batch_size, 4, size, size)
+    prompts = torch.randn(8 * batch_size, 77, width)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(latents)
+
+        def __getitem__(self, i):
+            return latents[i], {"encoder_hidden_states": prompts[i]}
+
+    return module, torch.utils.data.DataLoader(Data(), batch_size=batch_size, shuffle=True, drop_last=True)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -251,35 +323,62 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def benchmark(preset: str, overrides=(), iterations: int = 50, warmup: int = 10, probe: int = 10,
               repeats: int = 20) -> dict:
-    """Train ``preset`` for warmup + iterations (+ probe) iterations and time them; time the
-    same passes alone. Returns the report row."""
+    """Train ``preset`` (as ``dmd.train`` builds it) for warmup + iterations (+ probes) and time
+    it; time the same passes alone. Returns the report row."""
     cfg = compose_train(preset, ["logger=none", *overrides])
     pl.seed_everything(cfg.seed)
     teacher = instantiate(cfg.teacher)
     module = build_module(cfg, teacher, student_init(teacher, cfg.init))
-    if not isinstance(module, DMDModule) or module.regression_weight > 0 or type(module) is not DMDModule:
-        raise SystemExit(f"{preset}: the benchmark models DMD2's passes (no regression term, not SiD).")
+    datamodule = instantiate(cfg.data)
+    trainer = dict(cfg.trainer)
+    row = measure(module, lambda callbacks: instantiate(cfg.trainer, callbacks=callbacks, **QUIET),
+                  {"datamodule": datamodule}, iterations, warmup, probe, repeats)
+    return {"preset": preset, "overrides": list(overrides), "precision": trainer.get("precision"), **row}
+
+
+def sd15_benchmark(batch_size: int, lora_rank: int, checkpointing: bool, iterations: int = 50, warmup: int = 10,
+                   probe: int = 10, repeats: int = 20, scale: str = "full") -> dict:
+    """:func:`sd15_setup`'s module trained on one GPU in bf16 autocast (float32 on the CPU)."""
+    module, data = sd15_setup(batch_size, lora_rank, checkpointing, scale,
+                              torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    row = measure(module, lambda callbacks: pl.Trainer(accelerator="auto", devices=1, precision=precision,
+                                                      max_epochs=-1, callbacks=callbacks, **QUIET),
+                  {"train_dataloaders": data}, iterations, warmup, probe, repeats)
+    label = f"SD1.5-size UNet ({scale}), {f'LoRA {lora_rank}' if lora_rank else 'full'}"
+    return {"preset": label + (", gradient checkpointing" if checkpointing else ""), "overrides": [],
+            "precision": precision, **row}
+
+
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+
+
+def measure(module: DMDModule, make_trainer, data: dict, iterations: int, warmup: int, probe: int,
+            repeats: int) -> dict:
+    """Fit ``module`` with a trainer from ``make_trainer(callbacks)`` on ``data`` (fit's keyword
+    arguments), timing iterations, then its passes alone; the report row's measurements."""
+    if type(module) is not DMDModule or module.regression_weight > 0:
+        raise SystemExit("The benchmark models DMD2's passes (DMDModule without a regression term).")
     ratio = module.ttur_ratio
     module.max_iterations = warmup + iterations + probe * (2 if torch.cuda.is_available() else 1)
-    datamodule = instantiate(cfg.data)
     timer = IterationTimer(range(warmup, warmup + iterations), probe)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[timer], enable_progress_bar=False,
-                          enable_model_summary=False, enable_checkpointing=False)
+    trainer = make_trainer([timer])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, **data)
     peak = peak_memory_mb(module.device)
-    batch = next(iter(datamodule.train_dataloader()))
-    batch = module.transfer_batch_to_device(batch, module.device, 0)
-    costs = pass_costs(module, batch, repeats)
+    loader = data["datamodule"].train_dataloader() if "datamodule" in data else data["train_dataloaders"]
+    batch = module.transfer_batch_to_device(next(iter(loader)), module.device, 0)
+    with torch.autocast(module.device.type, torch.bfloat16, enabled="bf16" in str(trainer.precision)):
+        costs = pass_costs(module, batch, repeats)
     costs.update(optimizer_costs(module, repeats))
     must = expected_passes(module, costs)
     med = {k: statistics.median(v) for k, v in timer.times.items() if v}
     per_iteration = (med["generator"] + (ratio - 1) * med.get("fake", 0.0)) / ratio
     must_per_iteration = (must["generator"] + (ratio - 1) * must["fake"]) / ratio
     return {
-        "preset": preset, "overrides": list(overrides), "device": _device_name(module.device),
-        "batch_size": int(cfg.data.batch_size), "ttur_ratio": ratio, "generator_steps": module.generator.num_steps,
+        "device": _device_name(module.device), "batch_size": int(batch[0].shape[0]), "ttur_ratio": ratio,
+        "generator_steps": module.generator.num_steps,
         "timed_iterations": {k: len(v) for k, v in timer.times.items()},
         "iteration_s": {**med, "mean_over_ttur_cycle": per_iteration},
         "passes_alone_s": costs, "sum_of_passes_s": {**must, "mean_over_ttur_cycle": must_per_iteration},
@@ -323,17 +422,31 @@ def markdown(rows: list[dict], command: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=["fmnist_dmd2", "fmnist_dmd2_4step", "t2i_tiny"])
+    p.add_argument("--preset", nargs="*", default=["fmnist_dmd2", "fmnist_dmd2_4step", "t2i_tiny"],
+                   help="presets, each NAME or NAME:KEY=VALUE,... (e.g. fmnist_dmd2:data.batch_size=128)")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--probe-iterations", type=int, default=10)
     p.add_argument("--repeats", type=int, default=20, help="timings of each pass alone")
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every preset")
+    p.add_argument("--sd15", nargs="*", default=[], metavar="VARIANT",
+                   help="SD1.5-size UNet rows (GPU): full, full+gc, lora64, lora64+gc (gc: gradient checkpointing)")
+    p.add_argument("--sd15-batch", type=int, default=8)
+    p.add_argument("--sd15-scale", choices=["full", "tiny"], default="full", help="tiny: a small UNet (tests)")
     p.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "iteration_benchmark"))
     args = p.parse_args()
     rows = []
-    for preset in args.preset:
-        row = benchmark(preset, args.override, args.iterations, args.warmup, args.probe_iterations, args.repeats)
+    for entry in args.preset:  # NAME or NAME:KEY=VALUE,KEY=VALUE (that preset's own overrides)
+        preset, _, own = entry.partition(":")
+        overrides = [*args.override, *filter(None, own.split(","))]
+        row = benchmark(preset, overrides, args.iterations, args.warmup, args.probe_iterations, args.repeats)
+        print(json.dumps(row, indent=1), flush=True)
+        rows.append(row)
+    for variant in args.sd15:
+        name, _, extra = variant.partition("+")
+        rank = int(name[4:]) if name.startswith("lora") else 0
+        row = sd15_benchmark(args.sd15_batch, rank, extra == "gc", args.iterations, args.warmup,
+                             args.probe_iterations, args.repeats, args.sd15_scale)
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
     command = "python experiments/iteration_benchmark.py " + " ".join(sys.argv[1:])
