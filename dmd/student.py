@@ -246,8 +246,12 @@ class StudentModule(pl.LightningModule):
     def _step(self, optimizer, scheduler, loss):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        norm = _grad_norm(optimized(optimizer))  # logged before clipping: growth is the first sign of trouble
-        self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        params = optimized(optimizer)
+        norm = _grad_norm(params)  # logged before clipping: growth is the first sign of trouble
+        if self.sharded or str(self.trainer.precision).startswith("16"):  # DTensor grads; scaled fp16 grads
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        elif self.grad_clip and self.grad_clip > 0:  # what clip_gradients does, without a second norm
+            torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], self.grad_clip, norm)
         optimizer.step()
         scheduler.step()
         return norm

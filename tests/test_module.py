@@ -234,3 +234,25 @@ def test_gan_generator_loss_trains_the_generator_only_and_changes_no_number(tiny
     full_grads, full = run(False)
     assert (frozen_grads, full_grads) == (False, True)
     assert all(torch.equal(frozen[k], full[k]) for k in full)
+
+
+def test_clipping_with_the_logged_norm_is_lightnings_clipping(tmp_path, monkeypatch):
+    """The update clips with the gradient norm it has computed for the log (no second norm):
+    bit-identical to Lightning's clip_gradients, with clipping active at every step."""
+    from dmd.student import StudentModule
+
+    def train(lightning: bool):
+        module = _module(1)
+        module.grad_clip = 1e-3
+        if lightning:
+            monkeypatch.setattr(StudentModule, "sharded", property(lambda self: True))
+        _fit(module, 4, tmp_path)
+        monkeypatch.undo()
+        return module.generator.state_dict(), module.fake_score.state_dict()
+
+    ours, theirs = train(False), train(True)
+    for mine, lightning in zip(ours, theirs):
+        assert all(torch.equal(mine[k], lightning[k]) for k in mine)
+    unclipped = _module(1)
+    _fit(unclipped, 4, tmp_path)
+    assert not all(torch.equal(ours[0][k], v) for k, v in unclipped.generator.state_dict().items())
