@@ -82,7 +82,7 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
     if uses_pairs:
         pairs = pairs_for_config(cfg, teacher)
         distance = build_distance(reg.distance, reg.get("network"))
-    student = dict(lr_generator=o.lr_generator, betas=o.betas, weight_decay=o.weight_decay,
+    student = dict(lr_generator=o.lr_generator, betas=o.betas, weight_decay=o.weight_decay, fused=o.get("fused", False),
                    warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, ema_decay=a.ema_decay,
                    max_iterations=cfg.max_iterations, seed=cfg.seed,
                    max_network_passes=cfg.get("max_network_passes"),

@@ -74,10 +74,10 @@ class DMDModule(StudentModule):
                  regression_distance: nn.Module | None = None, regression_batch_size: int = 0,
                  backward_simulation: bool = True, ema_decay: float | None = None,
                  max_iterations: int | None = None, seed: int = 0, max_network_passes: int | None = None,
-                 finite_check_every: int | None = None):
+                 finite_check_every: int | None = None, fused: bool = False):
         super().__init__(teacher, generator, lr_generator, betas, weight_decay, warmup_steps, grad_clip,
                          ema_decay, max_iterations, seed, regression_distance, max_network_passes,
-                         finite_check_every)
+                         finite_check_every, fused)
         if ttur_ratio < 1:
             raise ValueError(f"ttur_ratio must be >= 1, got {ttur_ratio}.")
         if regression_weight > 0 and (regression_pairs is None or regression_distance is None):

@@ -67,7 +67,7 @@ class StudentModule(pl.LightningModule):
                  grad_clip: float = 10.0, ema_decay: float | None = None,
                  max_iterations: int | None = None, seed: int = 0,
                  regression_distance: nn.Module | None = None, max_network_passes: int | None = None,
-                 finite_check_every: int | None = None):
+                 finite_check_every: int | None = None, fused: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.teacher = teacher
@@ -79,6 +79,7 @@ class StudentModule(pl.LightningModule):
             regression_distance.requires_grad_(False)
         self.lr_generator, self.betas = lr_generator, tuple(betas)
         self.weight_decay, self.warmup_steps, self.grad_clip = weight_decay, warmup_steps, grad_clip
+        self.fused = fused  # torch's fused AdamW (not bit-identical to the default implementation)
         self.seed, self.max_iterations = seed, max_iterations
         # Only trained weights (all of them, or the LoRA adapters) are optimised and averaged.
         self.ema_decay = ema_decay
@@ -106,7 +107,8 @@ class StudentModule(pl.LightningModule):
         return frozen
 
     def adamw(self, params, lr: float):
-        return torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=self.betas, weight_decay=self.weight_decay,
+                                 fused=self.fused or None)
 
     def training_step(self, batch, batch_idx):
         """One iteration of the method's loop (``train_iteration``), its network passes counted."""

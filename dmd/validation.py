@@ -134,7 +134,7 @@ TRAIN = [
     ("algorithm.lora.generator_rank", whole(0)), ("algorithm.lora.fake_score_rank", whole(0)),
     ("optim.lr_generator", number(0, lo_open=True)), ("optim.lr_fake", number(0, lo_open=True)),
     ("optim.betas", pair_in(0, 1)), ("optim.weight_decay", number(0)), ("optim.warmup_steps", whole(0)),
-    ("optim.grad_clip", number(0, lo_open=True, optional=True)),
+    ("optim.grad_clip", number(0, lo_open=True, optional=True)), ("optim.fused", one_of(False, True)),
     ("callbacks.checkpoint.every_n_iterations", whole(1)),
     *EVAL,
 ]

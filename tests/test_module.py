@@ -256,3 +256,15 @@ def test_clipping_with_the_logged_norm_is_lightnings_clipping(tmp_path, monkeypa
     unclipped = _module(1)
     _fit(unclipped, 4, tmp_path)
     assert not all(torch.equal(ours[0][k], v) for k, v in unclipped.generator.state_dict().items())
+
+
+def test_fused_adamw_is_opt_in_and_equal_up_to_rounding(tmp_path):
+    default, fused = _module(1), _module(1)
+    fused.fused = True
+    _fit(default, 4, tmp_path)
+    _fit(fused, 4, tmp_path)
+    assert [o.defaults["fused"] for o in fused.optimizers()] == [True, True]
+    assert not any(o.defaults["fused"] for o in default.optimizers())
+    mine, theirs = fused.generator.state_dict(), default.generator.state_dict()
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-6)
