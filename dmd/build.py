@@ -46,8 +46,30 @@ def student_init(teacher: Teacher, init: str | None) -> Teacher:
 
 
 def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:
-    """The LightningModule of ``algorithm.method``: DMD/DMD2, SiD, knowledge, consistency or
-    progressive distillation."""
+    """The LightningModule of ``algorithm.method`` (DMD/DMD2, SiD, knowledge, consistency or
+    progressive distillation), its networks compiled when ``compile.enabled``."""
+    module = _method_module(cfg, teacher, init)
+    options = cfg.get("compile") or {}
+    if options.get("enabled"):
+        compile_networks(module, options.get("backend", "inductor"), options.get("mode"))
+    return module
+
+
+def compile_networks(module: StudentModule, backend: str = "inductor", mode: str | None = None) -> list:
+    """``torch.compile`` every network of the module in place (teacher, generator, fake score,
+    target or previous-round networks: each denoiser's ``unet``; analytic teachers have none).
+    In place (``nn.Module.compile``), so weights keep their names: checkpoints, resumes and the
+    released generator are those of an eager run. Returns the compiled networks."""
+    from dmd.denoisers import Denoiser
+
+    networks = {id(n): n for m in module.modules() if isinstance(m, Denoiser)
+                for n in [getattr(m, "unet", None)] if isinstance(n, torch.nn.Module)}
+    for network in networks.values():
+        network.compile(backend=backend, mode=mode)
+    return list(networks.values())
+
+
+def _method_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:
     a, o = cfg.algorithm, cfg.optim
     method = a.get("method", "dmd")
     T = teacher.denoiser.schedule.num_train_timesteps

@@ -89,8 +89,9 @@ def bottleneck_features(denoiser, x_t: Tensor, t: Tensor, cond) -> Tensor:
     saves about half of every discriminator forward and backward pass.
     """
     hook = bottleneck_module(denoiser.unet).register_forward_hook(_stop_at_bottleneck)
-    try:
-        denoiser.network_output(x_t, t, cond)
+    try:  # eager even where the network is compiled: a traced forward would not stop at the hook
+        with torch.compiler.set_stance("force_eager"):
+            denoiser.network_output(x_t, t, cond)
     except _Bottleneck as stop:
         return stop.features
     finally:

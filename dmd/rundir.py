@@ -46,7 +46,7 @@ OPERATIONAL = ("max_iterations", "generator_steps", "max_network_passes", "ckpt_
                "logger", "callbacks", "eval", "paths", "grid", "checkpoint_every_n_steps",
                "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
                "trainer.enable_progress_bar", "trainer.log_every_n_steps", "data.num_workers",
-               "gradient_checkpointing", "finite_check_every")
+               "gradient_checkpointing", "finite_check_every", "compile")
 # Of those, the ones that may only grow (a shorter run than recorded would contradict the record).
 LENGTHS = ("max_iterations", "generator_steps", "trainer.max_steps", "max_network_passes")
 

@@ -99,6 +99,8 @@ def _sampler_rules(prefix: str = "sampler") -> list:
             (f"{prefix}.guidance_scale", number(0)), (f"{prefix}.spacing", one_of("karras", "linspace", "trailing"))]
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs", "eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SEED = [("seed", whole())]
 DATA = [("data.batch_size", whole(1)), ("data.num_workers", whole(0))]
 TRAINER = [("trainer.max_steps", whole(-1)), ("trainer.devices", (
@@ -135,6 +137,8 @@ TRAIN = [
     ("optim.lr_generator", number(0, lo_open=True)), ("optim.lr_fake", number(0, lo_open=True)),
     ("optim.betas", pair_in(0, 1)), ("optim.weight_decay", number(0)), ("optim.warmup_steps", whole(0)),
     ("optim.grad_clip", number(0, lo_open=True, optional=True)), ("optim.fused", one_of(False, True)),
+    ("compile.enabled", one_of(False, True)), ("compile.backend", one_of(*COMPILE_BACKENDS)),
+    ("compile.mode", one_of(None, *COMPILE_MODES)),
     ("callbacks.checkpoint.every_n_iterations", whole(1)),
     *EVAL,
 ]

@@ -5,7 +5,8 @@
         --generator "DMD2 1-step=outputs/table/fmnist_dmd2" \
         --generator "DMD2 4-step=outputs/table/fmnist_dmd2_4step"
 
-Rows: the teacher with DDIM at 1, 2, 4, 8, 16, 32 steps without and with CFG (``--cfg``), the
+Rows: the teacher with DDIM (Euler for a flow-matching teacher) at 1, 2, 4, 8, 16, 32 steps at
+each CFG scale of ``--cfg`` (default 1 and 2), the
 Heun settings of ``--teacher-heun`` (its best is taken over all teacher rows), and each
 generator. Columns: NFE, fid_fmnist vs the test split and vs the teacher's reference samples
 (Heun 8, CFG 2, 10k; conf/eval/fmnist.yaml), kid_fmnist vs data, class consistency, ms/image
@@ -44,8 +45,8 @@ def compose_evaluate(overrides=()):
         return compose("evaluate", overrides=list(overrides))
 
 
-def teacher_settings(steps, cfg_scale, heun):
-    rows = [("ddim", k, w) for w in (1.0, cfg_scale) for k in steps]
+def teacher_settings(steps, cfg_scales, heun):
+    rows = [("ddim", k, w) for w in cfg_scales for k in steps]
     return rows + [(n, int(k), float(w)) for n, k, w in (h.split(":") for h in heun)]
 
 
@@ -106,7 +107,7 @@ def main() -> None:
     p.add_argument("--generator", action="append", default=[], metavar="LABEL=RUN_DIR",
                    help="a distilled generator (dmd.train run dir or generator folder)")
     p.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--cfg", type=float, default=2.0, help="the CFG scale of the guided teacher rows")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0], help="the CFG scales of the DDIM teacher rows")
     p.add_argument("--teacher-heun", nargs="*", default=["heun:8:2.0", "heun:16:2.0"],
                    help="extra teacher settings sampler:steps:cfg")
     p.add_argument("--student", default="DMD2 1-step", help="the row the targets are checked on")

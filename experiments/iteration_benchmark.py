@@ -350,6 +350,41 @@ def sd15_benchmark(batch_size: int, lora_rank: int, checkpointing: bool, iterati
             "precision": precision, **row}
 
 
+class LossRecorder(pl.Callback):
+    """The fake-score (every iteration) and DM (generator iterations) losses of each iteration."""
+
+    def __init__(self):
+        self.losses: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        logged = trainer.callback_metrics
+        self.losses.append({k: float(logged[k]) for k in ("loss/fake", "loss/dm") if k in logged})
+
+
+def compile_check(preset: str, overrides=(), iterations: int = 20, backend: str = "inductor",
+                  mode: str | None = None) -> dict:
+    """``iterations`` of ``preset`` in eager mode and compiled (``compile.enabled=true``), from
+    the same seed: each iteration's losses, and the largest relative difference between them."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["compile.enabled=true", f"compile.backend={backend}",
+                                                     f"compile.mode={mode or 'null'}"])):
+        cfg = compose_train(preset, ["logger=none", *overrides, *extra])
+        pl.seed_everything(cfg.seed)
+        teacher = instantiate(cfg.teacher)
+        module = build_module(cfg, teacher, student_init(teacher, cfg.init))
+        module.max_iterations = iterations
+        recorder = LossRecorder()
+        started = time.perf_counter()
+        instantiate(cfg.trainer, callbacks=[recorder], **QUIET).fit(module, datamodule=instantiate(cfg.data))
+        runs[name] = {"losses": recorder.losses, "wall_s": time.perf_counter() - started,
+                      "network_passes": module.network_passes, "weight_names": sorted(module.state_dict())}
+    pairs = [(a[k], b[k]) for a, b in zip(runs["eager"]["losses"], runs["compiled"]["losses"]) for k in a]
+    worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in pairs)
+    same_names = runs["eager"].pop("weight_names") == runs["compiled"].pop("weight_names")
+    return {"preset": preset, "backend": backend, "mode": mode, "iterations": iterations,
+            "max_relative_loss_difference": worst, "same_weight_names": same_names, **runs}
+
+
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
 
 
@@ -433,6 +468,10 @@ def main() -> None:
                    help="SD1.5-size UNet rows (GPU): full, full+gc, lora64, lora64+gc (gc: gradient checkpointing)")
     p.add_argument("--sd15-batch", type=int, default=8)
     p.add_argument("--sd15-scale", choices=["full", "tiny"], default="full", help="tiny: a small UNet (tests)")
+    p.add_argument("--compile-check", nargs="*", default=[], metavar="PRESET",
+                   help="also train each PRESET 20 iterations eager and compiled (--compile-backend) and "
+                        "compare their losses")
+    p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "iteration_benchmark"))
     args = p.parse_args()
     rows = []
@@ -449,12 +488,18 @@ def main() -> None:
                              args.probe_iterations, args.repeats, args.sd15_scale)
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
+    checks = [compile_check(preset, args.override, backend=args.compile_backend) for preset in args.compile_check]
     command = "python experiments/iteration_benchmark.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, command))
-    print(markdown(rows, command))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "compile_checks": checks},
+                                                   indent=1))
+    text = markdown(rows, command) + "".join(
+        f"\nCompiled ({c['backend']}) vs eager, {c['preset']}, {c['iterations']} iterations from the same seed: "
+        f"largest relative loss difference {c['max_relative_loss_difference']:.2e}, wall "
+        f"{c['compiled']['wall_s']:.1f} s vs {c['eager']['wall_s']:.1f} s (compilation included).\n" for c in checks)
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

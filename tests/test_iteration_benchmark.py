@@ -63,3 +63,33 @@ def test_sd15_rows_build_dmd2_on_a_text_unet_with_lora_and_checkpointing(bench):
                                scale="tiny")
     assert row["preset"] == "SD1.5-size UNet (tiny), LoRA 4, gradient checkpointing"
     assert row["timed_iterations"] == {"generator": 1, "fake": 4} and row["peak_memory_mb"] > 0
+
+
+def test_compiled_networks_train_like_eager_ones(bench):
+    """compile.enabled (aot_eager here: the graph capture without code generation, which the CPU
+    suite can afford; inductor is checked on GPUs by iteration_benchmark_gpu.sh) gives the same
+    losses for 20 iterations, the same pass counts and the same weight names (checkpoints)."""
+    check = bench.compile_check("t2i_tiny", iterations=20, backend="aot_eager")
+    assert len(check["compiled"]["losses"]) == 20 and all(check["compiled"]["losses"])
+    assert check["max_relative_loss_difference"] < 1e-5 and check["same_weight_names"]
+    assert check["compiled"]["network_passes"] == check["eager"]["network_passes"] > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_run_resumes_exactly(cli, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    tiny = ["experiment=t2i_tiny", "compile.enabled=true", "compile.backend=aot_eager", "logger=none",
+            "callbacks.checkpoint.every_n_iterations=3", f"paths.cache_dir={tmp_path}/cache"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli("dmd.train", *tiny, "max_iterations=8", f"hydra.run.dir={straight}")
+    cli("dmd.train", *tiny, "max_iterations=8", "trainer.max_steps=4", f"hydra.run.dir={resumed}")
+    proc = cli("dmd.train", *tiny, "max_iterations=8", f"hydra.run.dir={resumed}")
+    assert "Resuming from" in proc.stdout + proc.stderr
+
+    def weights(run):
+        return load_file(run / "generator" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -268,3 +268,14 @@ def test_fused_adamw_is_opt_in_and_equal_up_to_rounding(tmp_path):
     mine, theirs = fused.generator.state_dict(), default.generator.state_dict()
     for k in mine:
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_networks_compiles_every_network_in_place(tiny_unet_kwargs):
+    from dmd.build import compile_networks
+
+    module = _gan_module(tiny_unet_kwargs, gan_generator_weight=1e-3)
+    names = sorted(module.state_dict())
+    compiled = compile_networks(module, backend="aot_eager")
+    assert len(compiled) == 3  # teacher, generator, fake score: each its own UNet
+    assert all(n._compiled_call_impl is not None for n in compiled)
+    assert sorted(module.state_dict()) == names  # in place: checkpoints keep their keys

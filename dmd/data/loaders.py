@@ -49,6 +49,8 @@ class EpochShuffle(Sampler[int]):
 
 
 def resumable_loader(dataset, batch_size: int, seed: int, **kwargs) -> StatefulDataLoader:
-    """Shuffled, drop-last training loader whose position is checkpointed by Lightning."""
+    """Shuffled, drop-last training loader whose position is checkpointed by Lightning; batches in
+    pinned memory when a GPU is present (Lightning's copy to the device is then asynchronous)."""
+    kwargs.setdefault("pin_memory", torch.cuda.is_available())
     return StatefulDataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
                               drop_last=True, **kwargs)
