@@ -9,6 +9,7 @@ every loader, generator and fake score treats both alike.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
@@ -17,7 +18,8 @@ from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
 
-class MLPOutput(BaseOutput):
+@dataclass
+class MLPOutput(BaseOutput):  # a dataclass, as diffusers' outputs are (torch.compile rebuilds them as such)
     sample: Tensor
 
 

@@ -425,6 +425,18 @@ def measure(module: DMDModule, make_trainer, data: dict, iterations: int, warmup
     }
 
 
+def attempt(label: str, fn, *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)``'s row, or {label, error} if it fails: one GPU run gives every row
+    it can (an unsupported compile mode must not cost the others)."""
+    try:
+        row = fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 -- recorded in the report, beside the rows that ran
+        traceback.print_exc()
+        return {"label": label, "error": f"{type(err).__name__}: {err}"[:500]}
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -475,29 +487,33 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "iteration_benchmark"))
     args = p.parse_args()
     rows = []
-    for entry in args.preset:  # NAME or NAME:KEY=VALUE,KEY=VALUE (that preset's own overrides)
+    timing = (args.iterations, args.warmup, args.probe_iterations, args.repeats)
+
+    def parse(entry):  # NAME or NAME:KEY=VALUE,KEY=VALUE (that preset's own overrides)
         preset, _, own = entry.partition(":")
-        overrides = [*args.override, *filter(None, own.split(","))]
-        row = benchmark(preset, overrides, args.iterations, args.warmup, args.probe_iterations, args.repeats)
-        print(json.dumps(row, indent=1), flush=True)
-        rows.append(row)
+        return preset, [*args.override, *filter(None, own.split(","))]
+
+    for entry in args.preset:
+        rows.append(attempt(entry, benchmark, *parse(entry), *timing))
     for variant in args.sd15:
         name, _, extra = variant.partition("+")
         rank = int(name[4:]) if name.startswith("lora") else 0
-        row = sd15_benchmark(args.sd15_batch, rank, extra == "gc", args.iterations, args.warmup,
-                             args.probe_iterations, args.repeats, args.sd15_scale)
-        print(json.dumps(row, indent=1), flush=True)
-        rows.append(row)
-    checks = [compile_check(preset, args.override, backend=args.compile_backend) for preset in args.compile_check]
+        rows.append(attempt(f"sd15 {variant}", sd15_benchmark, args.sd15_batch, rank, extra == "gc", *timing,
+                            args.sd15_scale))
+    checks = [attempt(f"compile check {entry}", compile_check, *parse(entry), backend=args.compile_backend)
+              for entry in args.compile_check]
+    failed = [r for r in [*rows, *checks] if "error" in r]
+    rows, checks = [r for r in rows if "error" not in r], [c for c in checks if "error" not in c]
     command = "python experiments/iteration_benchmark.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "compile_checks": checks},
-                                                   indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "compile_checks": checks,
+                                                    "failed": failed}, indent=1))
     text = markdown(rows, command) + "".join(
         f"\nCompiled ({c['backend']}) vs eager, {c['preset']}, {c['iterations']} iterations from the same seed: "
         f"largest relative loss difference {c['max_relative_loss_difference']:.2e}, wall "
-        f"{c['compiled']['wall_s']:.1f} s vs {c['eager']['wall_s']:.1f} s (compilation included).\n" for c in checks)
+        f"{c['compiled']['wall_s']:.1f} s vs {c['eager']['wall_s']:.1f} s (compilation included).\n" for c in checks) + "".join(
+        f"\nFAILED: {f['label']}: {f['error']}\n" for f in failed)
     out.with_suffix(".md").write_text(text)
     print(text)
 
