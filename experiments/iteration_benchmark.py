@@ -216,6 +216,19 @@ def pass_costs(module: DMDModule, batch, repeats: int) -> dict[str, float]:
         passes["discriminator forward+backward"] = lambda: _backward(head(bottleneck_features(fake, x_t, t, cond)))
         passes["discriminator forward+backward to the sample"] = discriminator_to_sample
     costs = {name: time_call(fn, device, repeats) for name, fn in passes.items()}
+    steps = module.generator.num_steps
+    if steps > 1 and module.backward_simulation:  # step k runs k no-grad generator passes first:
+        noise = module.noise(n)                    # the mean over the uniform k of training
+
+        def simulate(k, grad):
+            with torch.set_grad_enabled(grad):
+                out = module.generator.backward_simulation(noise, cond, k, generator=module.rng)
+            if grad:
+                _backward(out)
+
+        for name, grad in (("generator forward", False), ("generator forward+backward", True)):
+            costs[name] = statistics.mean(time_call(lambda k=k, g=grad: simulate(k, g), device, repeats)
+                                          for k in range(steps))
     for p in [*module.parameters()]:
         p.grad = None
     return costs
