@@ -233,7 +233,9 @@ class StudentModule(pl.LightningModule):
         an all-reduce). Called before every save, release and evaluation, so that nothing is
         written from weights a non-finite loss has updated. Collective."""
         queued, self._unchecked = self._unchecked, []
-        bad = bool(queued) and not bool(torch.stack([torch.isfinite(q[2]).all() for q in queued]).all())
+        if not queued:  # every rank queues the same updates: all return here together
+            return
+        bad = not bool(torch.stack([torch.isfinite(q[2]).all() for q in queued]).all())
         if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
             return
         iteration, which, loss = next((q for q in queued if not torch.isfinite(q[2]).all()),
