@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--generator", action="append", default=[], metavar="LABEL=RUN_DIR",
                    help="a distilled generator (dmd.train run dir or generator folder)")
-    p.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0], help="the CFG scales of the DDIM teacher rows")
     p.add_argument("--teacher-heun", nargs="*", default=["heun:8:2.0", "heun:16:2.0"],
                    help="extra teacher settings sampler:steps:cfg")
