@@ -56,17 +56,13 @@ def build_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentMod
 
 
 def compile_networks(module: StudentModule, backend: str = "inductor", mode: str | None = None) -> list:
-    """``torch.compile`` every network of the module in place (teacher, generator, fake score,
-    target or previous-round networks: each denoiser's ``unet``; analytic teachers have none).
-    In place (``nn.Module.compile``), so weights keep their names: checkpoints, resumes and the
-    released generator are those of an eager run. Returns the compiled networks."""
-    from dmd.denoisers import Denoiser
-
-    networks = {id(n): n for m in module.modules() if isinstance(m, Denoiser)
-                for n in [getattr(m, "unet", None)] if isinstance(n, torch.nn.Module)}
-    for network in networks.values():
+    """``torch.compile`` every network of the module with weights (:meth:`StudentModule.networks`;
+    an analytic teacher has none) in place (``nn.Module.compile``), so weights keep their names:
+    checkpoints, resumes and the released generator are those of an eager run. Returns them."""
+    networks = [n for n in module.networks() if any(True for _ in n.parameters())]
+    for network in networks:
         network.compile(backend=backend, mode=mode)
-    return list(networks.values())
+    return networks
 
 
 def _method_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:

@@ -147,22 +147,26 @@ class StudentModule(pl.LightningModule):
     def budget_spent(self) -> bool:
         return bool(self.max_network_passes) and self.network_passes >= self.max_network_passes
 
-    def count_network_passes(self) -> None:
-        """Hook every network (a denoiser's ``unet``, or an analytic denoiser itself) so that
-        each forward call inside a training iteration adds its batch size to ``network_passes``."""
+    def networks(self) -> list[nn.Module]:
+        """Every network the module runs, once each: a denoiser's ``unet``, or an analytic
+        denoiser itself (teacher, generator, fake score, target or previous-round networks)."""
         from dmd.denoisers import Denoiser
 
+        found = {id(n): n for m in self.modules() if isinstance(m, Denoiser) for n in [getattr(m, "unet", m)]}
+        return list(found.values())
+
+    def count_network_passes(self) -> None:
+        """Hook every network (:meth:`networks`) so that each forward call inside a training
+        iteration adds its batch size to ``network_passes``."""
         for handle in self._pass_hooks:
             handle.remove()
-        networks = {id(n): n for m in self.modules() if isinstance(m, Denoiser)
-                    for n in [getattr(m, "unet", m)]}
 
         def count(network, args, kwargs):
             if self._counting:
                 first = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
                 self.network_passes += int(first.shape[0])
 
-        self._pass_hooks = [n.register_forward_pre_hook(count, with_kwargs=True) for n in networks.values()]
+        self._pass_hooks = [n.register_forward_pre_hook(count, with_kwargs=True) for n in self.networks()]
 
     def setup(self, stage: str) -> None:
         # Each rank draws its own noise and timesteps (rank 0: the single-process stream), before

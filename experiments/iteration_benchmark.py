@@ -40,9 +40,11 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -195,18 +197,25 @@ def pass_costs(module: DMDModule, batch, repeats: int) -> dict[str, float]:
         x_t = module.generate(n, cond)
     fake, head = module.fake_score, module.gan_head
 
-    def generator_forward():
-        with torch.no_grad():
-            module.generate(n, cond)
+    # Step k of a multi-step generator runs k no-grad passes before its own (backward
+    # simulation): its passes are the mean over the uniform k of training.
+    noise = module.noise(n)
+    steps = range(module.generator.num_steps) if module.backward_simulation else range(1)
+
+    def generator(k: int, grad: bool):
+        with torch.set_grad_enabled(grad):
+            out = module.generator.backward_simulation(noise, cond, k, generator=module.rng)
+        if grad:
+            _backward(out)
 
     def discriminator_to_sample():  # the generator's GAN loss: gradients reach the sample only
         x = x_t.detach().requires_grad_(True)
         with module.discriminator_frozen():
             torch.autograd.grad(head(bottleneck_features(fake, x, t, cond)).sum(), x)
 
+    costs = {name: statistics.mean(time_call(lambda k=k, g=grad: generator(k, g), device, repeats) for k in steps)
+             for name, grad in (("generator forward", False), ("generator forward+backward", True))}
     passes = {
-        "generator forward": generator_forward,
-        "generator forward+backward": lambda: _backward(module.generate(n, cond)),
         "real score forward (CFG)": lambda: _no_grad(guided_x0, module.real_score, x_t, t, cond, uncond,
                                                      module.guidance_scale),
         "fake score forward": lambda: _no_grad(fake, x_t, t, cond),
@@ -215,22 +224,8 @@ def pass_costs(module: DMDModule, batch, repeats: int) -> dict[str, float]:
     if head is not None:
         passes["discriminator forward+backward"] = lambda: _backward(head(bottleneck_features(fake, x_t, t, cond)))
         passes["discriminator forward+backward to the sample"] = discriminator_to_sample
-    costs = {name: time_call(fn, device, repeats) for name, fn in passes.items()}
-    steps = module.generator.num_steps
-    if steps > 1 and module.backward_simulation:  # step k runs k no-grad generator passes first:
-        noise = module.noise(n)                    # the mean over the uniform k of training
-
-        def simulate(k, grad):
-            with torch.set_grad_enabled(grad):
-                out = module.generator.backward_simulation(noise, cond, k, generator=module.rng)
-            if grad:
-                _backward(out)
-
-        for name, grad in (("generator forward", False), ("generator forward+backward", True)):
-            costs[name] = statistics.mean(time_call(lambda k=k, g=grad: simulate(k, g), device, repeats)
-                                          for k in range(steps))
-    for p in [*module.parameters()]:
-        p.grad = None
+    costs.update({name: time_call(fn, device, repeats) for name, fn in passes.items()})
+    module.zero_grad(set_to_none=True)
     return costs
 
 
@@ -334,19 +329,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def build(preset: str, overrides=()):
+    """(config, module, datamodule) of ``preset`` as ``dmd.train`` builds them (seeded)."""
+    cfg = compose_train(preset, ["logger=none", *overrides])
+    pl.seed_everything(cfg.seed)
+    teacher = instantiate(cfg.teacher)
+    return cfg, build_module(cfg, teacher, student_init(teacher, cfg.init)), instantiate(cfg.data)
+
+
 def benchmark(preset: str, overrides=(), iterations: int = 50, warmup: int = 10, probe: int = 10,
               repeats: int = 20) -> dict:
     """Train ``preset`` (as ``dmd.train`` builds it) for warmup + iterations (+ probes) and time
     it; time the same passes alone. Returns the report row."""
-    cfg = compose_train(preset, ["logger=none", *overrides])
-    pl.seed_everything(cfg.seed)
-    teacher = instantiate(cfg.teacher)
-    module = build_module(cfg, teacher, student_init(teacher, cfg.init))
-    datamodule = instantiate(cfg.data)
-    trainer = dict(cfg.trainer)
+    cfg, module, datamodule = build(preset, overrides)
     row = measure(module, lambda callbacks: instantiate(cfg.trainer, callbacks=callbacks, **QUIET),
                   {"datamodule": datamodule}, iterations, warmup, probe, repeats)
-    return {"preset": preset, "overrides": list(overrides), "precision": trainer.get("precision"), **row}
+    return {"preset": preset, "overrides": list(overrides), "precision": cfg.trainer.get("precision"), **row}
 
 
 def sd15_benchmark(batch_size: int, lora_rank: int, checkpointing: bool, iterations: int = 50, warmup: int = 10,
@@ -381,14 +379,11 @@ def compile_check(preset: str, overrides=(), iterations: int = 20, backend: str 
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["compile.enabled=true", f"compile.backend={backend}",
                                                      f"compile.mode={mode or 'null'}"])):
-        cfg = compose_train(preset, ["logger=none", *overrides, *extra])
-        pl.seed_everything(cfg.seed)
-        teacher = instantiate(cfg.teacher)
-        module = build_module(cfg, teacher, student_init(teacher, cfg.init))
+        cfg, module, datamodule = build(preset, [*overrides, *extra])
         module.max_iterations = iterations
         recorder = LossRecorder()
         started = time.perf_counter()
-        instantiate(cfg.trainer, callbacks=[recorder], **QUIET).fit(module, datamodule=instantiate(cfg.data))
+        instantiate(cfg.trainer, callbacks=[recorder], **QUIET).fit(module, datamodule=datamodule)
         runs[name] = {"losses": recorder.losses, "wall_s": time.perf_counter() - started,
                       "network_passes": module.network_passes, "weight_names": sorted(module.state_dict())}
     pairs = [(a[k], b[k]) for a, b in zip(runs["eager"]["losses"], runs["compiled"]["losses"]) for k in a]
@@ -398,7 +393,9 @@ def compile_check(preset: str, overrides=(), iterations: int = 20, backend: str 
             "max_relative_loss_difference": worst, "same_weight_names": same_names, **runs}
 
 
-QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+# The trainers' root (a prompt datamodule writes its index there): never the working directory.
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+             default_root_dir=tempfile.mkdtemp(prefix="iteration_benchmark_"))
 
 
 def measure(module: DMDModule, make_trainer, data: dict, iterations: int, warmup: int, probe: int,
@@ -504,7 +501,7 @@ def main() -> None:
 
     def parse(entry):  # NAME or NAME:KEY=VALUE,KEY=VALUE (that preset's own overrides)
         preset, _, own = entry.partition(":")
-        return preset, [*args.override, *filter(None, own.split(","))]
+        return preset, [*args.override, *filter(None, re.split(r",(?![^\[]*\])", own))]  # not inside [...]
 
     for entry in args.preset:
         rows.append(attempt(entry, benchmark, *parse(entry), *timing))
