@@ -6,12 +6,15 @@ teacher's yardstick at the same sample count (results.json ``teacher_metrics``).
 
 Writes ``<out>.md`` (one row per run and evaluation: generator step, the metric, recall,
 class consistency), ``<out>.json`` (the runs' commands, costs and evaluations) and ``<out>.png``
-(the metric against generator steps, the teacher's value as a dashed line).
+(the metric against generator steps, the teacher's value as a dashed line). ``--yardstick TABLE_JSON
+ROW`` adds a row of an ``experiments/fmnist_table.py`` record (e.g. the teacher's best sampler) as a
+dotted line; it should be scored on the same sample count as the runs' evaluations.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -34,12 +37,31 @@ def load(spec: str) -> dict:
             "evaluations": r.get("evaluations", []), "teacher_metrics": r.get("teacher_metrics", {})}
 
 
+def yardstick(table: str, row: str, metric: str) -> tuple[str, float]:
+    """The label and ``metric`` of the row named ``row`` (its ``label`` or ``model``) of a table record."""
+    path = Path(table)
+    if not path.is_file():
+        raise SystemExit(f"--yardstick {table!r}: no such file (an experiments/fmnist_table.py .json record).")
+    rows = json.loads(path.read_text()).get("rows", [])
+    names = [r.get("label") or r.get("model") for r in rows]
+    match = [r for r, name in zip(rows, names) if name == row]
+    if not match:
+        raise SystemExit(f"--yardstick {table}: no row {row!r}; its rows are {names}.")
+    value = match[0]["metrics"].get(metric)
+    if value is None:
+        raise SystemExit(f"--yardstick {table}: row {row!r} has no {metric}.")
+    return f"{row} (n={match[0]['metrics'].get('num_samples')})", value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR")
     p.add_argument("--metric", default="fid_fmnist_vs_data")
     p.add_argument("--out", default="experiments/results/training_curves")
+    p.add_argument("--yardstick", nargs=2, action="append", default=[], metavar=("TABLE_JSON", "ROW"),
+                   help="a row of an fmnist_table.py record drawn as a line (e.g. the teacher's best)")
     args = p.parse_args()
+    sticks = [yardstick(table, row, args.metric) for table, row in args.yardstick]
     runs = [load(s) for s in args.runs]
     out = Path(args.out)
     head = ["run", "generator step", args.metric, *COLUMNS]
@@ -58,6 +80,9 @@ def main() -> None:
     if teacher is not None:
         ax.axhline(teacher, ls="--", color="k", label="teacher reference (Heun 8, CFG 2), same n")
         lines += ["", f"Teacher reference (Heun 8, CFG 2) at the same sample count: {args.metric} {teacher:.3f}."]
+    for (label, value), style in zip(sticks, itertools.cycle(("dotted", "dashdot", (0, (1, 3))))):
+        ax.axhline(value, ls=style, color="gray", label=label)
+        lines.append(f"{label}: {args.metric} {value:.3f}.")
     ax.set_xlabel("generator step")
     ax.set_ylabel(args.metric)
     ax.legend(fontsize=7)
