@@ -9,11 +9,7 @@ from omegaconf import DictConfig
 
 from dmd.distances import build_distance
 from dmd.generator import Generator
-from dmd.methods.cd import CDModule
-from dmd.methods.kd import KDModule
-from dmd.methods.pd import PDModule
-from dmd.methods.sid import SiDModule
-from dmd.module import DMDModule
+from dmd.methods import method_module
 from dmd.regression_pairs import pairs_for_config
 from dmd.runs import require
 from dmd.student import StudentModule, copy_denoiser
@@ -67,22 +63,21 @@ def compile_networks(module: StudentModule, backend: str = "inductor", mode: str
 
 def _method_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentModule:
     a, o = cfg.algorithm, cfg.optim
-    method = a.get("method", "dmd")
+    method = method_module(a.get("method", "dmd"))
     T = teacher.denoiser.schedule.num_train_timesteps
     require(a.ttur_ratio >= 1, f"algorithm.ttur_ratio must be >= 1, got {a.ttur_ratio}.")
     require(all(0 <= t < T for t in a.generator_timesteps),
             f"algorithm.generator_timesteps={list(a.generator_timesteps)} must lie in [0, {T - 1}].")
     reg = a.regression
-    uses_pairs = method == "kd" or reg.weight > 0
+    uses_pairs = method.uses_pairs(a)
     require(not uses_pairs or reg.batch_size >= 1,
             f"algorithm.regression.batch_size must be >= 1, got {reg.batch_size}.")
     require(not uses_pairs or teacher.pipeline_class is None,
             "Teacher noise -> image pairs (DMD's regression loss, knowledge distillation) are not "
             "supported for text-to-image teachers (DMD2 drops the regression): set "
             "algorithm.regression.weight=0, or use algorithm=dmd2.")
-    generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps,
-                          sampling="ddim" if method == "pd" else "fresh")  # PD's students take DDIM steps
-    fake_score = copy_denoiser(init.denoiser) if method in ("dmd", "sid") else None  # the others have none
+    generator = Generator(copy_denoiser(init.denoiser), a.generator_timesteps, sampling=method.generator_sampling)
+    fake_score = copy_denoiser(init.denoiser) if method.has_fake_score else None
     lora = a.get("lora") or {}
     trained = [(generator.denoiser, lora.get("generator_rank", 0)), (fake_score, lora.get("fake_score_rank", 0))]
     trained = [(net, rank) for net, rank in trained if net is not None]
@@ -105,23 +100,4 @@ def _method_module(cfg: DictConfig, teacher: Teacher, init: Teacher) -> StudentM
                    max_iterations=cfg.max_iterations, seed=cfg.seed,
                    max_network_passes=cfg.get("max_network_passes"),
                    finite_check_every=cfg.get("finite_check_every"))
-    if method == "kd":
-        return KDModule(teacher, generator, pairs, distance, batch_size=reg.batch_size, **student)
-    if method == "cd":
-        return CDModule(teacher, generator, guidance_scale=a.guidance_scale, **a.cd, **student)
-    if method == "pd":
-        return PDModule(teacher, generator, guidance_scale=a.guidance_scale, batch_size=cfg.data.batch_size,
-                        **a.pd, **student)
-    module, extra = DMDModule, {}
-    if method == "sid":
-        module, extra = SiDModule, {"alpha": a.sid.alpha}
-    return module(
-        teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
-        lr_fake=o.lr_fake, dm_weight=a.dm_weight, dm_t_range=a.dm_t_range,
-        timestep_distribution=a.get("timestep_distribution", "uniform"),
-        gan_generator_weight=a.gan.generator_weight,
-        gan_discriminator_weight=a.gan.discriminator_weight, gan_t_range=a.gan.t_range,
-        gan_balance=a.gan.balance, gan_reference_dim=a.gan.reference_dim,
-        gan_grad_ratio=a.gan.grad_ratio,
-        regression_weight=reg.weight, regression_pairs=pairs, regression_distance=distance,
-        regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation, **student, **extra)
+    return method.from_config(cfg, teacher, generator, fake_score, pairs, distance, **student)

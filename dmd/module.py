@@ -61,6 +61,28 @@ class DMDModule(StudentModule):
     when either GAN weight is > 0.
     """
 
+    has_fake_score = True
+
+    @classmethod
+    def from_config(cls, cfg, teacher, generator, fake_score, pairs, distance, **student):
+        a, reg = cfg.algorithm, cfg.algorithm.regression
+        return cls(
+            teacher, generator, fake_score, guidance_scale=a.guidance_scale, ttur_ratio=a.ttur_ratio,
+            lr_fake=cfg.optim.lr_fake, dm_weight=a.dm_weight, dm_t_range=a.dm_t_range,
+            timestep_distribution=a.get("timestep_distribution", "uniform"),
+            gan_generator_weight=a.gan.generator_weight,
+            gan_discriminator_weight=a.gan.discriminator_weight, gan_t_range=a.gan.t_range,
+            gan_balance=a.gan.balance, gan_reference_dim=a.gan.reference_dim,
+            gan_grad_ratio=a.gan.grad_ratio,
+            regression_weight=reg.weight, regression_pairs=pairs, regression_distance=distance,
+            regression_batch_size=reg.batch_size, backward_simulation=a.backward_simulation,
+            **student, **cls.method_options(a))
+
+    @classmethod
+    def method_options(cls, algorithm) -> dict:
+        """Arguments of a method built on DMD2's loop beyond DMD's own (none for DMD)."""
+        return {}
+
     def __init__(self, teacher: Teacher, generator: Generator, fake_score: nn.Module,
                  guidance_scale: float = 1.0, ttur_ratio: int = 5, lr_generator: float = 1e-5,
                  lr_fake: float = 1e-5, betas=(0.9, 0.999), weight_decay: float = 0.01,

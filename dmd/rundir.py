@@ -33,6 +33,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from dmd.files import atomic_path
+from dmd.methods import METHODS
 from dmd.provenance import run_provenance
 from dmd.runs import job_overrides, run_dir
 
@@ -108,10 +109,10 @@ def _limit(value) -> float:
 
 
 def planned_lengths(cfg: DictConfig) -> tuple[str, ...]:
-    """Length settings that are part of what a run trains: progressive distillation splits
-    max_iterations into its rounds (a longer resume would change every round's length)."""
-    pd = OmegaConf.select(cfg, "algorithm.method") == "pd"
-    return ("max_iterations", "generator_steps", "max_network_passes") if pd else ()
+    """Length settings that are part of what a run trains, as its method declares them (e.g.
+    progressive distillation splits max_iterations into its rounds)."""
+    method = OmegaConf.select(cfg, "algorithm.method")
+    return METHODS[method].planned_lengths if method in METHODS else ()
 
 
 def refused_changes(changes: dict, allowed=(), planned=()) -> list[str]:

@@ -60,7 +60,28 @@ def _grad_norm(parameters) -> torch.Tensor:
 
 
 class StudentModule(pl.LightningModule):
-    """A generator trained against a frozen teacher (``real_score``), by a method's own loop."""
+    """A generator trained against a frozen teacher (``real_score``), by a method's own loop.
+
+    A method declares what :func:`dmd.build.build_module` makes for it (class attributes) and
+    how its config group becomes its arguments (:meth:`from_config`)."""
+
+    #: the method trains a fake score (a copy of the initial network beside the generator)
+    has_fake_score = False
+    #: how the generator takes its steps: fresh noise (DMD) or DDIM steps (progressive distillation)
+    generator_sampling = "fresh"
+    #: length settings that are part of what a run trains (a resume may not change them)
+    planned_lengths: tuple[str, ...] = ()
+
+    @classmethod
+    def uses_pairs(cls, algorithm) -> bool:
+        """Whether the method trains on cached teacher noise -> image pairs."""
+        return algorithm.regression.weight > 0
+
+    @classmethod
+    def from_config(cls, cfg, teacher: Teacher, generator: Generator, fake_score: nn.Module | None,
+                    pairs: dict | None, distance: nn.Module | None, **student) -> StudentModule:
+        """The module of a ``dmd.train`` config (``student``: the settings every method shares)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how it is built from a config.")
 
     def __init__(self, teacher: Teacher, generator: Generator, lr_generator: float = 1e-5,
                  betas=(0.9, 0.999), weight_decay: float = 0.01, warmup_steps: int = 0,

@@ -16,10 +16,9 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dmd.losses import CONSISTENCY_DISTANCES, TIMESTEP_DISTRIBUTIONS
+from dmd.methods import METHODS
 from dmd.methods.cd import grid_problems
 from dmd.methods.pd import plan_problems
-
-METHODS = ("dmd", "kd", "sid", "cd", "pd")  # algorithm.method: dmd.module.DMDModule, dmd.methods.*
 
 _MISSING = object()
 

@@ -163,3 +163,29 @@ def test_every_job_of_the_methods_sweep_composes_and_validates():
             validate(cfg, "train")
             assert cfg.max_network_passes == 150_000 and cfg.max_iterations >= 10**6, job
             assert OmegaConf.select(cfg, "algorithm.method") == job["experiment"].split("_")[1].replace("dmd2", "dmd")
+
+
+@pytest.mark.parametrize("preset, module, fake_score, sampling", [
+    ("gmm_dmd2", "DMDModule", True, "fresh"), ("gmm_sid", "SiDModule", True, "fresh"),
+    ("gmm_kd", "KDModule", False, "fresh"), ("gmm_cd", "CDModule", False, "fresh"),
+    ("gmm_pd", "PDModule", False, "ddim")])
+def test_each_method_builds_its_own_module_from_the_registry(tmp_path, preset, module, fake_score, sampling):
+    """algorithm.method picks its LightningModule (dmd.methods.METHODS), which says what the shared
+    builder makes for it: a fake score or none, the generator's sampling, the lengths it plans."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from dmd.build import build_module, student_init
+    from dmd.rundir import planned_lengths
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}", "algorithm.regression.num_pairs=64",
+                                          "algorithm.regression.steps=2", f"paths.cache_dir={tmp_path}"])
+    teacher = instantiate(cfg.teacher)
+    built = build_module(cfg, teacher, student_init(teacher, cfg.init))
+    assert type(built).__name__ == module
+    assert (getattr(built, "fake_score", None) is not None) == fake_score
+    assert built.generator.sampling == sampling
+    assert bool(planned_lengths(cfg)) == (preset == "gmm_pd")
+    if preset == "gmm_sid":
+        assert built.alpha == cfg.algorithm.sid.alpha

@@ -54,6 +54,10 @@ def grid_problems(timesteps, num_ode_steps: int, num_train_timesteps: int = 1000
 class CDModule(StudentModule):
     """One student update per iteration on a data batch, then the target network's EMA step."""
 
+    @classmethod
+    def from_config(cls, cfg, teacher, generator, fake_score, pairs, distance, **student):
+        return cls(teacher, generator, guidance_scale=cfg.algorithm.guidance_scale, **cfg.algorithm.cd, **student)
+
     def __init__(self, teacher: Teacher, generator: Generator, guidance_scale: float = 1.0,
                  num_ode_steps: int = 50, target_decay: float = 0.95, distance: str = "l2",
                  huber_c: float = 1e-3, **student):

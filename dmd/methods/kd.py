@@ -20,6 +20,14 @@ from dmd.teachers import Teacher
 class KDModule(StudentModule):
     """One generator update per iteration on a random batch of cached teacher pairs."""
 
+    @classmethod
+    def uses_pairs(cls, algorithm) -> bool:
+        return True
+
+    @classmethod
+    def from_config(cls, cfg, teacher, generator, fake_score, pairs, distance, **student):
+        return cls(teacher, generator, pairs, distance, batch_size=cfg.algorithm.regression.batch_size, **student)
+
     def __init__(self, teacher: Teacher, generator: Generator, pairs: dict, distance: nn.Module,
                  batch_size: int = 64, **student):
         super().__init__(teacher, generator, regression_distance=distance, **student)

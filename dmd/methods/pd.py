@@ -65,6 +65,15 @@ def plan_problems(timesteps, start_steps: int, max_iterations, num_train_timeste
 class PDModule(StudentModule):
     """Rounds of step-halving distillation; one student update per iteration on a data batch."""
 
+    generator_sampling = "ddim"  # each round's student takes DDIM steps, as its teacher did
+    # rounds split max_iterations (or the pass budget): a longer resume would change every round
+    planned_lengths = ("max_iterations", "generator_steps", "max_network_passes")
+
+    @classmethod
+    def from_config(cls, cfg, teacher, generator, fake_score, pairs, distance, **student):
+        return cls(teacher, generator, guidance_scale=cfg.algorithm.guidance_scale,
+                   batch_size=cfg.data.batch_size, **cfg.algorithm.pd, **student)
+
     def __init__(self, teacher: Teacher, generator: Generator, guidance_scale: float = 1.0,
                  start_steps: int = 64, batch_size: int | None = None, **student):
         super().__init__(teacher, generator, **student)

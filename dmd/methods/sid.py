@@ -14,6 +14,10 @@ from dmd.module import DMDModule
 class SiDModule(DMDModule):
     """DMD2's module with the score-identity generator loss (weight: ``dm_weight``)."""
 
+    @classmethod
+    def method_options(cls, algorithm) -> dict:
+        return {"alpha": algorithm.sid.alpha}
+
     def __init__(self, *args, alpha: float = 1.2, **kwargs):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
