@@ -216,6 +216,26 @@ class StudentModule(pl.LightningModule):
         if self.ema is not None:  # EMAModel keeps its own copies: follow the module's device
             self.ema.to(self.device)
 
+    def on_train_start(self):
+        self.apply_configured_hyperparameters()
+
+    def apply_configured_hyperparameters(self):
+        """Set the optimisers' and schedulers' settings (learning rates, betas, weight decay) to
+        this run's config. Lightning restores them from a resumed checkpoint, so a change allowed
+        on resume (``allow_changes_on_resume``) would otherwise be recorded and never trained with;
+        unchanged settings give the restored values exactly."""
+        fresh_optimizers, fresh_schedulers = self.configure_optimizers()
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+        for opt, fresh, sched, fresh_sched in zip(self.trainer.optimizers, fresh_optimizers, schedulers,
+                                                  fresh_schedulers, strict=True):
+            for group, new in zip(opt.param_groups, fresh.param_groups, strict=True):
+                for key in ("initial_lr", "betas", "weight_decay", "eps"):
+                    group[key] = new[key]
+            sched.base_lrs = list(fresh_sched.base_lrs)
+            for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * factor(sched.last_epoch)  # the scheduler's own rule at its step
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
+
     def on_train_batch_start(self, batch, batch_idx):
         # A run resumed at (or beyond) its length does no further update.
         if (self.max_iterations and self.iteration >= self.max_iterations) or self.budget_spent:

@@ -164,3 +164,20 @@ def test_a_failed_rerun_of_a_completed_run_keeps_its_record(cli, tmp_path):
     assert cli("dmd.train", *TINY_GMM, "init=/nonexistent/teacher", f"hydra.run.dir={fresh}",
                check=False).returncode != 0
     assert json.loads((fresh / "results.json").read_text())["status"] == "failed"
+
+
+def test_a_learning_rate_changed_on_resume_is_the_one_that_trains(cli, tmp_path):
+    """Lightning restores the optimisers' and schedulers' learning rates from the checkpoint: a
+    change allowed on resume (allow_changes_on_resume) must still reach them, not only the record."""
+    run = tmp_path / "run"
+    cli("dmd.train", *TINY_GMM, "max_iterations=8", f"hydra.run.dir={run}")
+    cli("dmd.train", *TINY_GMM, "max_iterations=12", f"hydra.run.dir={run}", "optim.lr_generator=3e-5",
+        "optim.lr_fake=7e-5", "allow_changes_on_resume=[optim.lr_generator,optim.lr_fake]")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["dmd_counters"]["iteration"] == 12
+    for state, scheduler, lr in zip(ckpt["optimizer_states"], ckpt["lr_schedulers"], (3e-5, 7e-5)):
+        assert scheduler["base_lrs"] == [pytest.approx(lr)]
+        assert [g["initial_lr"] for g in state["param_groups"]] == [pytest.approx(lr)]
+        assert [g["lr"] for g in state["param_groups"]] == scheduler["_last_lr"] == [pytest.approx(lr)]
+    changed = json.loads((run / "results.json").read_text())["resumes"][0]["changed"]
+    assert changed["optim.lr_generator"][1] == pytest.approx(3e-5)
