@@ -48,6 +48,17 @@ OPERATIONAL = ("max_iterations", "generator_steps", "max_network_passes", "ckpt_
                "trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
                "trainer.enable_progress_bar", "trainer.log_every_n_steps", "data.num_workers",
                "gradient_checkpointing", "finite_check_every", "compile")
+# Keys added to the config after runs were recorded without them, with the value that trains as
+# those runs did: a resume of an older run dir accepts a key it lacks when its value is this one
+# (recorded in the resume's `changed`); any other value is a change of meaning like any other.
+ADDED_LATER = {
+    "algorithm.method": "dmd",                     # 9a58dc3 (algorithm=kd): until then every run was DMD
+    "algorithm.timestep_distribution": "uniform",  # 96d7125: DMD/DMD2's uniform t
+    "optim.fused": False,                          # the foreach AdamW that ran before
+    "algorithm.gan.balance": "fixed",              # 6406296: w = generator_weight, as before
+    "algorithm.gan.reference_dim": 12288,          # (inert under balance=fixed)
+    "algorithm.gan.grad_ratio": 1.0,               # (inert under balance=fixed)
+}
 # Of those, the ones that may only grow (a shorter run than recorded would contradict the record).
 LENGTHS = ("max_iterations", "generator_steps", "trainer.max_steps", "max_network_passes")
 
@@ -115,12 +126,12 @@ def planned_lengths(cfg: DictConfig) -> tuple[str, ...]:
     return METHODS[method].planned_lengths if method in METHODS else ()
 
 
-def refused_changes(changes: dict, allowed=(), planned=()) -> list[str]:
+def refused_changes(changes: dict, allowed=(), planned=(), absent=()) -> list[str]:
     """The changes a resume may not make, as ``key: old -> new`` lines (``planned``: lengths that
-    are not operational in this run)."""
+    are not operational in this run; ``absent``: keys the recorded config lacks)."""
     bad = []
     for key, (old, new) in changes.items():
-        if _under(key, allowed):
+        if _under(key, allowed) or (key in absent and key in ADDED_LATER and new == ADDED_LATER[key]):
             continue
         shorter = key in LENGTHS and _limit(new) < _limit(old)
         if shorter or key in planned or not _under(key, OPERATIONAL):
@@ -186,7 +197,8 @@ def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, start
     changes = config_changes(old, OmegaConf.to_container(cfg, resolve=True))
     if not started:  # nothing was trained there yet: nothing for the new settings to contradict
         return changes
-    bad = refused_changes(changes, cfg.get("allow_changes_on_resume") or (), planned_lengths(cfg))
+    absent = changes.keys() - flatten(old).keys()  # keys newer code added (ADDED_LATER)
+    bad = refused_changes(changes, cfg.get("allow_changes_on_resume") or (), planned_lengths(cfg), absent)
     if bad:
         raise RunDirError(
             f"{folder} holds a {task} run with other settings; resuming it with these would record "

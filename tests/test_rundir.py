@@ -127,6 +127,25 @@ def test_a_resume_records_what_it_changed(tmp_path):
     assert OmegaConf.load(run / "config_resolved.yaml").max_iterations == 9000  # the latest settings
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_with_the_value_that_trains_as_it_did(tmp_path):
+    run = make_train_run(tmp_path / "run")
+    recorded = OmegaConf.load(run / "config_resolved.yaml")  # as older code wrote it: no such keys
+    del recorded.algorithm["method"], recorded.algorithm["timestep_distribution"], recorded.optim["fused"]
+    OmegaConf.save(recorded, run / "config_resolved.yaml")
+    with hydra_job("train", run, "experiment=gmm_dmd2") as cfg:
+        with claim_run_dir(cfg, "train", resumable=True, started=TRAINED) as (_, resume):
+            pass
+    assert resume["changed"]["algorithm.method"] == [None, "dmd"]  # accepted, and recorded
+    assert resume["changed"]["optim.fused"] == [None, False]
+    OmegaConf.save(recorded, run / "config_resolved.yaml")
+    before = digests(run)
+    with hydra_job("train", run, "experiment=gmm_dmd2", "algorithm.timestep_distribution=sigma") as cfg:
+        with pytest.raises(RunDirError, match="algorithm.timestep_distribution: None -> 'sigma'"):
+            with claim_run_dir(cfg, "train", resumable=True, started=TRAINED):
+                pass
+    assert digests(run) == before
+
+
 def test_provenance_is_read_once_at_the_start_of_the_process(monkeypatch):
     """A commit made while a long job runs is not recorded as the code that job ran."""
     heads = iter(["a" * 40, "b" * 40])
