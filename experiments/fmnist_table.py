@@ -14,11 +14,18 @@ at batch 1 and at a large batch (warm median), speed-up against the teacher's be
 issue's targets are checked and written below the table. Everything comes from
 :func:`dmd.evaluation.evaluate_model` with the evaluator composed from ``conf/evaluate.yaml``.
 Writes ``<out>.json`` and ``<out>.md`` (and a picture of each row's first samples).
+
+Each finished row is also saved in ``<out>_rows/`` with a key of what its numbers depend on (the
+network's weights, the sampler or generator settings, sample count, seed, latency settings, the
+evaluation config and the evaluators' weights): rerunning an interrupted table (a 10k teacher grid
+takes hours on a CPU) reuses the rows whose key matches and computes the rest; ``--fresh``
+recomputes every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -28,10 +35,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from dmd import ROOT_DIR
 from dmd.evaluation import evaluate_model, generator_model, teacher_model
+from dmd.files import atomic_path
 from dmd.generator import load_generator
+from dmd.teachers import weights_digest
 from dmd.visualize import save_sample_grid
 
 FID_DATA, FID_TEACHER = "fid_fmnist_vs_data", "fid_fmnist_vs_teacher"
@@ -48,6 +58,25 @@ def compose_evaluate(overrides=()):
 def teacher_settings(steps, cfg_scales, heun):
     rows = [("ddim", k, w) for w in cfg_scales for k in steps]
     return rows + [(n, int(k), float(w)) for n, k, w in (h.split(":") for h in heun)]
+
+
+def row_key(identity: dict, protocol: dict) -> str:
+    """sha256 of what a row's numbers depend on: the model (``identity``: network weights and
+    sampler or generator settings) and the measurement (``protocol``)."""
+    return hashlib.sha256(json.dumps([identity, protocol], sort_keys=True).encode()).hexdigest()
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_")
+
+
+def load_row(path: Path, key: str) -> dict | None:
+    """The saved row at ``path`` if it was measured under ``key`` (else None: compute it again)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or unreadable: measured again
+        return None
+    return saved["row"] if saved.get("key") == key else None
 
 
 def targets(rows: list[dict], best: dict, student: str, large: str) -> list[str]:
@@ -116,6 +145,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides of conf/evaluate.yaml")
     p.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "fmnist_table"))
+    p.add_argument("--fresh", action="store_true", help="recompute rows saved in <out>_rows/ by an earlier run")
     args = p.parse_args()
     gens = [g.split("=", 1) for g in args.generator]
     if any(len(g) != 2 or not Path(g[1]).exists() for g in gens):
@@ -126,12 +156,16 @@ def main() -> None:
     teacher = instantiate(cfg.teacher)
     evaluator = instantiate(cfg.eval.evaluator)
     evaluator.teacher = teacher
-    models = [(f"teacher {n} {k}, CFG {w:g}", teacher_model(teacher, n, k, w))
+    teacher_weights = weights_digest(teacher.denoiser)
+    models = [(f"teacher {n} {k}, CFG {w:g}", teacher_model(teacher, n, k, w),
+               {"sampler": n, "steps": k, "cfg": w, "weights": teacher_weights})
               for n, k, w in teacher_settings(args.teacher_steps, args.cfg, args.teacher_heun)]
     training = {}
     for label, path in gens:
         generator, info = load_generator(path)
-        models.append((label, generator_model(generator, info, label, args.seed)))
+        models.append((label, generator_model(generator, info, label, args.seed),
+                       {"timesteps": list(generator.timesteps), "sampling": generator.sampling,
+                        "weights": weights_digest(generator.denoiser)}))
         found = [Path(path) / f for f in ("results.json", "training.json") if (Path(path) / f).is_file()]
         if found:  # how long the student trained (a run dir's results, a bundled training.json)
             r = json.loads(found[0].read_text())
@@ -139,25 +173,37 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for label, model in models:
-        r, samples = evaluate_model(model, evaluator, args.num_samples, args.seed,
-                                    latency_batch_sizes=(1, args.large_batch), repeats=args.repeats)
-        r["label"] = label
+    protocol = {"num_samples": args.num_samples, "seed": args.seed, "large_batch": args.large_batch,
+                "repeats": args.repeats, "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+                "evaluators": evaluator.weights_digests()}
+    rows, reused = [], []
+    for label, model, identity in models:
+        saved = out.parent / f"{out.name}_rows" / f"{slug(label)}.json"
+        key = row_key({"label": label, **identity}, protocol)
+        r = None if args.fresh else load_row(saved, key)
+        if r is not None:
+            reused.append(label)
+            print(f"{label}: reused from {saved} (same model and protocol)", flush=True)
+        else:
+            r, samples = evaluate_model(model, evaluator, args.num_samples, args.seed,
+                                        latency_batch_sizes=(1, args.large_batch), repeats=args.repeats)
+            r["label"] = label
+            save_sample_grid(samples[:100], out.parent / f"{out.name}_samples" / f"{slug(label)}.png")
+            with atomic_path(saved) as tmp:  # an interrupted table resumes after its last whole row
+                tmp.write_text(json.dumps({"key": key, "row": r}, indent=1))
+            print(json.dumps({k: r[k] for k in ("label", "nfe", "metrics", "latency_ms_per_image")}),
+                  flush=True)
         if label in training:
             r["training"] = training[label]
         rows.append(r)
-        save_sample_grid(samples[:100], out.parent / f"{out.name}_samples" /
-                         f"{re.sub(r'[^A-Za-z0-9.-]+', '_', label).strip('_')}.png")
-        print(json.dumps({k: r[k] for k in ("label", "nfe", "metrics", "latency_ms_per_image")}),
-              flush=True)
     teacher_rows = [r for r in rows if r["label"].startswith("teacher")]
     best = min(teacher_rows, key=lambda r: r["metrics"][FID_DATA])
     report = {"rows": rows, "teacher_best": best["label"], "num_samples": args.num_samples,
               "seed": args.seed, "large_batch": str(args.large_batch), "device": rows[0]["device"],
               "teacher_reference_metrics": evaluator.teacher_metrics(args.num_samples),
               "command": " ".join(["python", "experiments/fmnist_table.py", *sys.argv[1:]]),
-              "torch": torch.__version__, "wall_seconds": round(time.time() - started, 1)}
+              "torch": torch.__version__, "wall_seconds": round(time.time() - started, 1),
+              "rows_reused": reused}  # measured by an earlier run of this command (see <out>_rows/)
     report["targets"] = targets(rows, best, args.student, str(args.large_batch))
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))

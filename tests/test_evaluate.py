@@ -1,5 +1,6 @@
 """``python -m dmd.evaluate`` and the paper-style table command, on tiny settings."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -58,11 +59,11 @@ def test_evaluate_a_2d_teacher_with_the_mixture_oracle(cli, tmp_path):
 def test_table_command_writes_rows_and_the_targets(tmp_path):
     out = tmp_path / "table"
     overrides = [o.replace("eval.num_samples=40", "eval.num_samples=10") for o in TINY_EVAL[1:5]]
-    proc = subprocess.run(
-        [sys.executable, "experiments/fmnist_table.py", "--num-samples", "40", "--teacher-steps",
-         "1", "--teacher-heun", "--generator", f"DMD2 1-step={STUDENT}", "--repeats", "1",
-         "--large-batch", "4", "--out", str(out), "--override", f"paths.cache_dir={tmp_path}/c",
-         *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "experiments/fmnist_table.py", "--num-samples", "40", "--teacher-steps",
+               "1", "--teacher-heun", "--generator", f"DMD2 1-step={STUDENT}", "--repeats", "1",
+               "--large-batch", "4", "--out", str(out), "--override", f"paths.cache_dir={tmp_path}/c",
+               *overrides]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = out.with_suffix(".md").read_text()
     assert "| teacher ddim 1, CFG 1 |" in md and "| DMD2 1-step" in md
@@ -72,6 +73,37 @@ def test_table_command_writes_rows_and_the_targets(tmp_path):
                                                     "DMD2 1-step"]
     assert report["rows"][-1]["training"]["generator_steps"] > 0
     assert len(list((tmp_path / "table_samples").glob("*.png"))) == 3
+
+    # Rerun (e.g. after an interruption): every saved row is reused, not measured again.
+    saved = {p: p.stat().st_mtime_ns for p in (tmp_path / "table_rows").glob("*.json")}
+    assert len(saved) == 3
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["rows_reused"] == [r["label"] for r in report["rows"]]
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in report["rows"]]
+    assert again["rows"][-1]["training"] == report["rows"][-1]["training"]
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved
+
+
+def test_a_table_row_is_reused_only_for_the_same_model_and_protocol(tmp_path):
+    spec = importlib.util.spec_from_file_location("fmnist_table", ROOT / "experiments" / "fmnist_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    load_row, row_key = table.load_row, table.row_key
+
+    teacher = {"label": "teacher ddim 8, CFG 2", "sampler": "ddim", "steps": 8, "cfg": 2.0, "weights": "a"}
+    protocol = {"num_samples": 10000, "seed": 0, "eval": {"evaluator": {"kid_subsets": 100}}}
+    key = row_key(teacher, protocol)
+    path = tmp_path / "row.json"
+    path.write_text(json.dumps({"key": key, "row": {"label": teacher["label"], "nfe": 16}}))
+    assert load_row(path, row_key(dict(teacher), dict(protocol))) == {"label": teacher["label"], "nfe": 16}
+    for changed_model in ({"steps": 16}, {"cfg": 1.0}, {"weights": "b"}):
+        assert load_row(path, row_key({**teacher, **changed_model}, protocol)) is None
+    for changed_protocol in ({"num_samples": 1000}, {"seed": 1}, {"eval": {"evaluator": {"kid_subsets": 2}}}):
+        assert load_row(path, row_key(teacher, {**protocol, **changed_protocol})) is None
+    path.write_text("{trunc")  # an unreadable row (e.g. a disk filled) is measured again
+    assert load_row(path, key) is None and load_row(tmp_path / "missing.json", key) is None
 
 
 @pytest.mark.slow
