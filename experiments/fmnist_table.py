@@ -174,7 +174,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     protocol = {"num_samples": args.num_samples, "seed": args.seed, "large_batch": args.large_batch,
-                "repeats": args.repeats, "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+                "repeats": args.repeats,  # paths inside the checkout as <root>: a fresh clone elsewhere resumes too
+                "eval": json.loads(json.dumps(OmegaConf.to_container(cfg.eval, resolve=True))
+                                   .replace(str(ROOT_DIR), "<root>")),
                 "evaluators": evaluator.weights_digests()}
     rows, reused = [], []
     for label, model, identity in models:
