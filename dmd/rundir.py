@@ -63,6 +63,20 @@ ADDED_LATER = {
 LENGTHS = ("max_iterations", "generator_steps", "trainer.max_steps", "max_network_passes")
 
 
+def completed_as_configured(folder: Path, cfg: DictConfig) -> bool:
+    """Whether ``folder`` holds a run that completed (not stopped early) at the length ``cfg``
+    asks for: rerunning it would train nothing (e.g. a sweep rerun after an interruption).
+    Read from results.json, which every rank sees alike."""
+    try:
+        record = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("status") != "completed" or record.get("stopped_early") or "config" not in record:
+        return False
+    recorded = flatten(record["config"])
+    return all(recorded.get(k) == OmegaConf.select(cfg, k) for k in LENGTHS)
+
+
 class RunDirError(CompactHydraException, ValueError):
     """The run dir cannot be used by this command; nothing in it was changed (Hydra prints the
     message alone)."""

@@ -38,7 +38,7 @@ from dmd.generator import load_generator, save_generator
 from dmd.methods.pd import PDModule
 from dmd.metrics.evaluator import check_independent
 from dmd.provenance import run_provenance
-from dmd.rundir import claim_run_dir
+from dmd.rundir import claim_run_dir, completed_as_configured
 from dmd.runs import (
     build_trainer,
     finish_wandb,
@@ -123,6 +123,11 @@ def train(cfg: DictConfig) -> Path:
     started = time.time()
     with claim_run_dir(cfg, "train", resumable=True, started=has_trained_state, prepare=prepare,
                        on_error=record_failure) as (out_dir, resume):
+        if completed_as_configured(out_dir, cfg):  # e.g. a sweep rerun: its finished jobs
+            log.info("%s already completed this run (results.json): nothing to train. Raise "
+                     "max_iterations or generator_steps to extend it; `python -m dmd.evaluate ckpt=%s` "
+                     "scores it again.", out_dir, out_dir)
+            return out_dir
         return _train(cfg, out_dir, resume, started)
 
 

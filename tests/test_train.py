@@ -44,6 +44,15 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cli, tmp_path):
     # The weights moved away from the initialisation: the test compares trained models.
     init = load_file(ROOT / "experiments/checkpoints/gmm8_mlp/unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(a[k], init[k]) for k in a)
+    # Rerun as it was (e.g. a sweep rerun after an interruption): a completed run trains nothing
+    # and no record changes (no new resume, no re-release, no re-evaluation).
+    def records():  # (the lock file names its latest holder)
+        return {p: p.read_bytes() for p in straight.rglob("*") if p.is_file() and p.suffix != ".log" and p.name != ".lock"}
+
+    files = records()
+    proc = cli("dmd.train", *TINY_GMM, "max_iterations=23", f"hydra.run.dir={straight}")
+    assert "already completed this run" in proc.stdout + proc.stderr
+    assert records() == files
 
 
 def test_released_generator_samples_through_the_cli(cli, tmp_path):
