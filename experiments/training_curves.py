@@ -9,6 +9,10 @@ class consistency), ``<out>.json`` (the runs' commands, costs and evaluations) a
 (the metric against generator steps, the teacher's value as a dashed line). ``--yardstick TABLE_JSON
 ROW`` adds a row of an ``experiments/fmnist_table.py`` record (e.g. the teacher's best sampler) as a
 dotted line; it should be scored on the same sample count as the runs' evaluations.
+
+A branch (a run dir copied from another at some step and resumed with a change) holds its parent's
+evaluations too: ``LABEL=RUN_DIR@STEP`` draws only its evaluations from generator step STEP on.
+An evaluation repeated at one step (a release resume scores the last step again) counts once.
 """
 
 from __future__ import annotations
@@ -28,13 +32,19 @@ COLUMNS = ("precision_fmnist_vs_data", "recall_fmnist_vs_data", "class_consisten
 
 def load(spec: str) -> dict:
     label, _, where = spec.partition("=")
+    where, at, first = where.rpartition("@") if "@" in where else (where, "", "0")
     path = Path(where) / "results.json"
-    if not label or not path.is_file():
-        raise SystemExit(f"{spec!r}: expected LABEL=RUN_DIR with a results.json in RUN_DIR.")
+    if not label or not path.is_file() or not first.isdigit():
+        raise SystemExit(f"{spec!r}: expected LABEL=RUN_DIR[@FIRST_STEP] with a results.json in RUN_DIR.")
     r = json.loads(path.read_text())
-    return {"label": label, "dir": where, "command": r.get("command"), "overrides": r.get("overrides"),
+    evaluations = {}
+    for e in r.get("evaluations", []):
+        if e["generator_step"] >= int(first):
+            evaluations.setdefault(e["generator_step"], e)
+    return {"label": label, "dir": where, "from_step": int(first), "command": r.get("command"),
+            "overrides": r.get("overrides"), "resumes": r.get("resumes", []),
             "wall_seconds": r.get("wall_seconds"), "generator_steps": r.get("generator_steps"),
-            "evaluations": r.get("evaluations", []), "teacher_metrics": r.get("teacher_metrics", {})}
+            "evaluations": list(evaluations.values()), "teacher_metrics": r.get("teacher_metrics", {})}
 
 
 def yardstick(table: str, row: str, metric: str) -> tuple[str, float]:
@@ -55,7 +65,7 @@ def yardstick(table: str, row: str, metric: str) -> tuple[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR")
+    p.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR[@FIRST_STEP]")
     p.add_argument("--metric", default="fid_fmnist_vs_data")
     p.add_argument("--out", default="experiments/results/training_curves")
     p.add_argument("--yardstick", nargs=2, action="append", default=[], metavar=("TABLE_JSON", "ROW"),

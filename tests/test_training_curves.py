@@ -49,6 +49,19 @@ def test_a_table_row_is_drawn_and_written_beside_the_runs(tmp_path, curves):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_a_branch_is_drawn_from_its_branch_point_and_a_repeated_step_counts_once(tmp_path, curves):
+    run = tmp_path / "branch"
+    run.mkdir()
+    evals = [{"generator_step": s, "metrics": {"fid_fmnist_vs_data": f}}
+             for s, f in ((100, 3.0), (200, 2.0), (300, 1.5), (300, 1.5))]  # 100: the parent's
+    (run / "results.json").write_text(json.dumps({"evaluations": evals}))
+    r = curves.load(f"B={run}@200")
+    assert [e["generator_step"] for e in r["evaluations"]] == [200, 300] and r["from_step"] == 200
+    assert [e["generator_step"] for e in curves.load(f"B={run}")["evaluations"]] == [100, 200, 300]
+    with pytest.raises(SystemExit, match="FIRST_STEP"):
+        curves.load(f"B={run}@two")
+
+
 def test_a_missing_row_names_the_rows_there_are(tmp_path, curves):
     with pytest.raises(SystemExit, match=r"no row 'teacher ddim 64, CFG 2'.*teacher ddim 32, CFG 2"):
         _run(tmp_path, curves, "--yardstick", "TABLE", "teacher ddim 64, CFG 2")
