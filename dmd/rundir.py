@@ -64,17 +64,17 @@ LENGTHS = ("max_iterations", "generator_steps", "trainer.max_steps", "max_networ
 
 
 def completed_as_configured(folder: Path, cfg: DictConfig) -> bool:
-    """Whether ``folder`` holds a run that completed (not stopped early) at the length ``cfg``
-    asks for: rerunning it would train nothing (e.g. a sweep rerun after an interruption).
-    Read from results.json, which every rank sees alike."""
+    """Whether ``folder`` holds a run that completed (not stopped early) with exactly the
+    settings of ``cfg``: rerunning it would train nothing (e.g. a sweep rerun after an
+    interruption). Any change, even an operational one (e.g. ``eval.*``), is a resume as before,
+    recorded in results.json. Read from results.json, which every rank sees alike."""
     try:
         record = json.loads((folder / "results.json").read_text())
     except (OSError, ValueError):
         return False
     if record.get("status") != "completed" or record.get("stopped_early") or "config" not in record:
         return False
-    recorded = flatten(record["config"])
-    return all(recorded.get(k) == OmegaConf.select(cfg, k) for k in LENGTHS)
+    return not config_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
 
 
 class RunDirError(CompactHydraException, ValueError):

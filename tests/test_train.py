@@ -53,6 +53,12 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cli, tmp_path):
     proc = cli("dmd.train", *TINY_GMM, "max_iterations=23", f"hydra.run.dir={straight}")
     assert "already completed this run" in proc.stdout + proc.stderr
     assert records() == files
+    # A rerun with any change (here the evaluation's size) is a resume: scored again, recorded.
+    proc = cli("dmd.train", *TINY_GMM, "max_iterations=23", "eval.num_samples=100", f"hydra.run.dir={straight}")
+    assert "already completed this run" not in proc.stdout + proc.stderr
+    record = json.loads((straight / "results.json").read_text())
+    assert record["resumes"][-1]["changed"]["eval.num_samples"] == [200, 100]
+    assert record["metrics"]["num_samples"] == 100
 
 
 def test_released_generator_samples_through_the_cli(cli, tmp_path):
