@@ -15,11 +15,11 @@ issue's targets are checked and written below the table. Everything comes from
 :func:`dmd.evaluation.evaluate_model` with the evaluator composed from ``conf/evaluate.yaml``.
 Writes ``<out>.json`` and ``<out>.md`` (and a picture of each row's first samples).
 
-Each finished row is also saved in ``<out>_rows/`` with a key of what its numbers depend on (the
-network's weights, the sampler or generator settings, sample count, seed, latency settings, the
-evaluation config and the evaluators' weights): rerunning an interrupted table (a 10k teacher grid
-takes hours on a CPU) reuses the rows whose key matches and computes the rest; ``--fresh``
-recomputes every row.
+Each finished row is also saved in ``<out>_rows/`` with a key of what its numbers depend on
+(:func:`protocol_of`, :func:`generator_identity`): rerunning an interrupted table (a 10k teacher
+grid takes hours on a CPU) reuses the rows whose key matches and computes the rest. Code is not in
+the key (each row records the commit that measured it): after a change to sampling or metric code,
+``--fresh`` recomputes every row.
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dmd import ROOT_DIR
+from dmd.draw import default_device
 from dmd.evaluation import evaluate_model, generator_model, teacher_model
 from dmd.files import atomic_path
-from dmd.generator import load_generator
+from dmd.generator import GENERATOR_FILE, load_generator
+from dmd.latency import device_name
+from dmd.provenance import run_provenance
 from dmd.teachers import weights_digest
 from dmd.visualize import save_sample_grid
 
@@ -74,9 +77,39 @@ def load_row(path: Path, key: str) -> dict | None:
     """The saved row at ``path`` if it was measured under ``key`` (else None: compute it again)."""
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, or unreadable: measured again
+        return saved["row"] if saved.get("key") == key else None
+    except (OSError, ValueError, AttributeError, KeyError):  # missing or unreadable: measured again
         return None
-    return saved["row"] if saved.get("key") == key else None
+
+
+def within_root(tree):
+    """A config tree with the checkout's paths written ``<root>`` (a clone elsewhere resumes too)."""
+    return json.loads(json.dumps(tree).replace(str(ROOT_DIR), "<root>"))
+
+
+def protocol_of(args, cfg, evaluator, teacher_weights: str) -> dict:
+    """What every row's numbers depend on besides its own model: sample count, seed, the latency
+    settings and machine, the evaluation config and networks, and the teacher (its reference set
+    is what every row's 'vs teacher' columns compare with)."""
+    return {"num_samples": args.num_samples, "seed": args.seed, "large_batch": args.large_batch,
+            "repeats": args.repeats,
+            "machine": {"device": device_name(default_device()), "torch": torch.__version__},
+            "eval": within_root(OmegaConf.to_container(cfg.eval, resolve=True)),
+            "evaluators": evaluator.weights_digests(),
+            "teacher": within_root(OmegaConf.to_container(cfg.teacher, resolve=True)),
+            "teacher_weights": teacher_weights}
+
+
+def generator_identity(path: str | Path, generator) -> dict:
+    """A generator row's model: every file of its folder (weights, generator.json's timesteps,
+    labels and shape, the scheduler config) and its loaded weights."""
+    folder = Path(path)
+    if (folder / "generator" / GENERATOR_FILE).is_file():
+        folder = folder / "generator"
+    files = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "training.json"):
+        files.update(str(f.relative_to(folder)).encode() + f.read_bytes())
+    return {"files": files.hexdigest(), "weights": weights_digest(generator.denoiser)}
 
 
 def targets(rows: list[dict], best: dict, student: str, large: str) -> list[str]:
@@ -152,6 +185,7 @@ def main() -> None:
         sys.exit(f"--generator takes LABEL=RUN_DIR with an existing run dir; got {args.generator}.")
 
     started = time.time()
+    run_provenance()  # read now: a commit made while the table runs is not its rows' code
     cfg = compose_evaluate(args.override)
     teacher = instantiate(cfg.teacher)
     evaluator = instantiate(cfg.eval.evaluator)
@@ -164,8 +198,7 @@ def main() -> None:
     for label, path in gens:
         generator, info = load_generator(path)
         models.append((label, generator_model(generator, info, label, args.seed),
-                       {"timesteps": list(generator.timesteps), "sampling": generator.sampling,
-                        "weights": weights_digest(generator.denoiser)}))
+                       generator_identity(path, generator)))
         found = [Path(path) / f for f in ("results.json", "training.json") if (Path(path) / f).is_file()]
         if found:  # how long the student trained (a run dir's results, a bundled training.json)
             r = json.loads(found[0].read_text())
@@ -173,11 +206,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    protocol = {"num_samples": args.num_samples, "seed": args.seed, "large_batch": args.large_batch,
-                "repeats": args.repeats,  # paths inside the checkout as <root>: a fresh clone elsewhere resumes too
-                "eval": json.loads(json.dumps(OmegaConf.to_container(cfg.eval, resolve=True))
-                                   .replace(str(ROOT_DIR), "<root>")),
-                "evaluators": evaluator.weights_digests()}
+    protocol = protocol_of(args, cfg, evaluator, teacher_weights)
     rows, reused = [], []
     for label, model, identity in models:
         saved = out.parent / f"{out.name}_rows" / f"{slug(label)}.json"
@@ -189,7 +218,7 @@ def main() -> None:
         else:
             r, samples = evaluate_model(model, evaluator, args.num_samples, args.seed,
                                         latency_batch_sizes=(1, args.large_batch), repeats=args.repeats)
-            r["label"] = label
+            r["label"], r["git"] = label, run_provenance()["git"]  # the code that measured it
             save_sample_grid(samples[:100], out.parent / f"{out.name}_samples" / f"{slug(label)}.png")
             with atomic_path(saved) as tmp:  # an interrupted table resumes after its last whole row
                 tmp.write_text(json.dumps({"key": key, "row": r}, indent=1))

@@ -104,6 +104,30 @@ def test_a_table_row_is_reused_only_for_the_same_model_and_protocol(tmp_path):
         assert load_row(path, row_key(teacher, {**protocol, **changed_protocol})) is None
     path.write_text("{trunc")  # an unreadable row (e.g. a disk filled) is measured again
     assert load_row(path, key) is None and load_row(tmp_path / "missing.json", key) is None
+    path.write_text("[1, 2]")
+    assert load_row(path, key) is None
+
+    # What main() keys rows with: the teacher (its reference set is every row's 'vs teacher'),
+    # the seed, the evaluation config; a generator's every file.
+    import shutil
+    from types import SimpleNamespace
+
+    from dmd.generator import load_generator
+
+    evaluator = SimpleNamespace(weights_digests=lambda: {"fmnist": "e"})
+    args = SimpleNamespace(num_samples=40, seed=0, large_batch=4, repeats=1)
+    base = table.protocol_of(args, table.compose_evaluate(), evaluator, "w")
+    assert table.protocol_of(args, table.compose_evaluate(), evaluator, "w") == base
+    assert table.protocol_of(SimpleNamespace(**{**vars(args), "seed": 1}), table.compose_evaluate(), evaluator, "w") != base
+    assert table.protocol_of(args, table.compose_evaluate(), evaluator, "other teacher weights") != base
+    for override in ("teacher.path=/elsewhere/teacher", "eval.evaluator.kid_subsets=2"):
+        assert table.protocol_of(args, table.compose_evaluate([override]), evaluator, "w") != base
+    folder = tmp_path / "student"
+    shutil.copytree(STUDENT, folder)
+    identity = table.generator_identity(folder, load_generator(folder)[0])
+    meta = json.loads((folder / "generator.json").read_text())
+    (folder / "generator.json").write_text(json.dumps({**meta, "timesteps": [999, 499]}))
+    assert table.generator_identity(folder, load_generator(folder)[0]) != identity
 
 
 @pytest.mark.slow
