@@ -32,7 +32,7 @@ COLUMNS = ("precision_fmnist_vs_data", "recall_fmnist_vs_data", "class_consisten
 
 def load(spec: str) -> dict:
     label, _, where = spec.partition("=")
-    where, at, first = where.rpartition("@") if "@" in where else (where, "", "0")
+    where, _, first = where.rpartition("@") if "@" in where else (where, "", "0")
     path = Path(where) / "results.json"
     if not label or not path.is_file() or not first.isdigit():
         raise SystemExit(f"{spec!r}: expected LABEL=RUN_DIR[@FIRST_STEP] with a results.json in RUN_DIR.")
