@@ -76,8 +76,11 @@ def main() -> None:
     rows = []
     for (method, steps), members in sorted(groups.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0]), kv[0][1])):
         latency = None
-        if not args.skip_latency:
-            generator, info = load_generator(members[0]["dir"])
+        # any member's released generator will do (one UNet per group); a sweep's committed
+        # records keep no weights, so a group may have none on this machine
+        released = [m["dir"] for m in members if (Path(m["dir"]) / "generator").is_dir()]
+        if not args.skip_latency and released:
+            generator, info = load_generator(released[0])
             generator = generator.to(device)
             latency = latency_ms_per_image(lambda noise, cond, uncond, g=generator: g(noise, cond), info,
                                            args.latency_batch, device)
@@ -100,7 +103,9 @@ def main() -> None:
             f"{'-' if r['latency_ms_per_image'] is None else format(r['latency_ms_per_image'], '.2f')} | "
             f"{', '.join(map(str, r['seeds']))} |")
     latency = ("not measured (--skip-latency)" if args.skip_latency else
-               f"warm median ms per image at batch {args.latency_batch} on {device_name(device)}")
+               f"warm median ms per image at batch {args.latency_batch} on {device_name(device)}"
+               + ("; '-': no released generator of the group on this machine (records only)"
+                  if any(r["latency_ms_per_image"] is None for r in rows) else ""))
     evaluations = sorted({r["evaluation"] for r in runs}, key=str)
     lines += ["", "Scored on each run's final evaluation: " + "; ".join(
         f"{n} held-out samples of the eval stream, seed {seed}" for n, seed in evaluations) +

@@ -3,7 +3,9 @@ consistency and progressive distillation train from the CLI, KD, CD and PD resum
 release a generator dmd.sample uses, and every method beats the teacher's one-step sample on the
 2-D mixture's oracle (SiD's loss by hand: tests/test_losses.py; CD's and PD's: tests/test_cd_pd.py)."""
 
+import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -189,3 +191,37 @@ def test_each_method_builds_its_own_module_from_the_registry(tmp_path, preset, m
     assert bool(planned_lengths(cfg)) == (preset == "gmm_pd")
     if preset == "gmm_sid":
         assert built.alpha == cfg.algorithm.sid.alpha
+
+
+def _record(folder, method, seed, fid, status="completed", stopped_early=False):
+    folder.mkdir(parents=True)
+    folder.joinpath("results.json").write_text(json.dumps({
+        "status": status, "stopped_early": stopped_early, "nfe": 1, "iterations": 100, "network_passes": 480,
+        "wall_seconds": 60.0, "metrics": {"fid_fmnist_vs_data": fid, "num_samples": 1000},
+        "config": {"algorithm": {"method": method}, "seed": seed, "eval": {"seed": 0}}}))
+
+
+def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp_path, monkeypatch):
+    """The table of the methods sweep: one row per (method, steps) with mean ± std over the
+    completed runs' seeds; a run stopped early or failed is listed, never averaged in; a group
+    whose generators are not on this machine (a sweep's committed records) gets no latency."""
+    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "experiments" / "methods_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    sweep = tmp_path / "sweep"
+    _record(sweep / "sid_0", "sid", 0, 1.0)
+    _record(sweep / "sid_1", "sid", 1, 2.0)
+    _record(sweep / "dmd_0", "dmd", 0, 3.0)
+    _record(sweep / "dmd_1", "dmd", 1, 9.0, stopped_early=True)
+    _record(sweep / "dmd_2", "dmd", 2, 9.0, status="failed")
+    out = tmp_path / "table"
+    monkeypatch.setattr(sys, "argv", ["methods_table.py", str(sweep), "--out", str(out)])
+    table.main()
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["sid"]["fid_fmnist_vs_data"] == [1.0, 2.0] and rows["sid"]["seeds"] == [0, 1]
+    assert rows["dmd"]["fid_fmnist_vs_data"] == [3.0] and rows["dmd"]["seeds"] == [0]
+    assert rows["sid"]["latency_ms_per_image"] is None
+    text = out.with_suffix(".md").read_text()
+    assert "| sid | 1 | 1.500 ± 0.707 |" in text and "| dmd | 1 | 3.000 |" in text
+    assert text.index("| dmd |") < text.index("| sid |")
+    assert "Not averaged in (2)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
