@@ -214,6 +214,7 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     _record(sweep / "dmd_0", "dmd", 0, 3.0)
     _record(sweep / "dmd_1", "dmd", 1, 9.0, stopped_early=True)
     _record(sweep / "dmd_2", "dmd", 2, 9.0, status="failed")
+    (sweep / "cd_0" / ".hydra").mkdir(parents=True)  # a job still running: no results.json yet
     out = tmp_path / "table"
     monkeypatch.setattr(sys, "argv", ["methods_table.py", str(sweep), "--out", str(out)])
     table.main()
@@ -224,4 +225,5 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     text = out.with_suffix(".md").read_text()
     assert "| sid | 1 | 1.500 ± 0.707 |" in text and "| dmd | 1 | 3.000 |" in text
     assert text.index("| dmd |") < text.index("| sid |")
-    assert "Not averaged in (2)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
+    assert "Not averaged in (3)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
+    assert "cd_0: no results.json (still running" in text and "| cd |" not in text
