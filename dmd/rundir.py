@@ -74,7 +74,29 @@ def completed_as_configured(folder: Path, cfg: DictConfig) -> bool:
         return False
     if record.get("status") != "completed" or record.get("stopped_early") or "config" not in record:
         return False
-    return not config_changes(record["config"], OmegaConf.to_container(cfg, resolve=True))
+    new = OmegaConf.to_container(cfg, resolve=True)
+    return not config_changes(relocated(record["config"], new), new)
+
+
+def relocated(old: dict, new: dict) -> dict:
+    """A recorded config ``old`` with every path under its checkout (``paths.root_dir``) moved
+    under ``new``'s, so that a run recorded in another checkout of the project (committed sweep
+    records, a copied run dir) compares by its settings, not by where the repository lay."""
+    src = (old.get("paths") or {}).get("root_dir")
+    dst = (new.get("paths") or {}).get("root_dir")
+    if not isinstance(src, str) or not isinstance(dst, str) or src == dst:
+        return old
+
+    def move(value):
+        if isinstance(value, dict):
+            return {key: move(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [move(item) for item in value]
+        if isinstance(value, str) and (value == src or value.startswith(src + "/")):
+            return dst + value[len(src):]
+        return value
+
+    return move(old)
 
 
 class RunDirError(CompactHydraException, ValueError):
@@ -208,11 +230,13 @@ def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, start
         log.warning("%s has no config_resolved.yaml: the resume's settings cannot be compared.", folder)
         return {}
     old = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
-    changes = config_changes(old, OmegaConf.to_container(cfg, resolve=True))
+    new = OmegaConf.to_container(cfg, resolve=True)
+    changes = config_changes(old, new)  # recorded as they are (a moved checkout included)
     if not started:  # nothing was trained there yet: nothing for the new settings to contradict
         return changes
     absent = changes.keys() - flatten(old).keys()  # keys newer code added (ADDED_LATER)
-    bad = refused_changes(changes, cfg.get("allow_changes_on_resume") or (), planned_lengths(cfg), absent)
+    bad = refused_changes(config_changes(relocated(old, new), new), cfg.get("allow_changes_on_resume") or (),
+                          planned_lengths(cfg), absent)
     if bad:
         raise RunDirError(
             f"{folder} holds a {task} run with other settings; resuming it with these would record "

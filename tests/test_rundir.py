@@ -15,7 +15,13 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from dmd import provenance
 from dmd.provenance import run_provenance
-from dmd.rundir import RunDirError, claim_run_dir, config_changes, refused_changes
+from dmd.rundir import (
+    RunDirError,
+    claim_run_dir,
+    completed_as_configured,
+    config_changes,
+    refused_changes,
+)
 
 TRAINED = lambda folder: True  # noqa: E731 - the dir holds training progress
 
@@ -164,6 +170,32 @@ def test_a_dir_with_nothing_trained_takes_new_settings(tmp_path):
     with hydra_job("train", run, "experiment=gmm_dmd2", "seed=5") as cfg:
         with claim_run_dir(cfg, "train", resumable=True, started=lambda d: False) as (_, resume):
             assert resume["changed"]["seed"] == [0, 5]
+
+
+def test_a_run_recorded_in_another_checkout_is_the_same_run_here(tmp_path):
+    """Committed sweep records name the paths of the checkout that trained them; a rerun of the
+    sweep in another checkout skips them (completed) or resumes them (started), and a change of
+    meaning is still seen."""
+    elsewhere = "/elsewhere/dmd"
+    run = tmp_path / "run"
+    with hydra_job("train", run, "experiment=gmm_dmd2", f"paths.root_dir={elsewhere}") as cfg:
+        with claim_run_dir(cfg, "train", resumable=True):
+            record = {"status": "completed", "config": OmegaConf.to_container(cfg, resolve=True)}
+            (run / "results.json").write_text(json.dumps(record))
+    assert record["config"]["init"] == elsewhere + "/experiments/checkpoints/gmm8_mlp"
+    before = digests(run)
+    with hydra_job("train", run, "experiment=gmm_dmd2") as cfg:  # this checkout's root
+        assert completed_as_configured(run, cfg)
+        with claim_run_dir(cfg, "train", resumable=True, started=TRAINED) as (_, resume):
+            pass
+    assert resume["changed"]["init"][0].startswith(elsewhere)  # the move is recorded
+    for change in ("seed=5", f"init={tmp_path}/other_init"):
+        with hydra_job("train", run, "experiment=gmm_dmd2", change) as cfg:
+            assert not completed_as_configured(run, cfg)
+            with pytest.raises(RunDirError, match="allow_changes_on_resume"):
+                with claim_run_dir(cfg, "train", resumable=True, started=TRAINED):
+                    pass
+    assert digests(run)["results.json"] == before["results.json"]
 
 
 def test_change_rules():
