@@ -235,8 +235,8 @@ def check_reuse(folder: Path, task: str, cfg: DictConfig, resumable: bool, start
     if not started:  # nothing was trained there yet: nothing for the new settings to contradict
         return changes
     absent = changes.keys() - flatten(old).keys()  # keys newer code added (ADDED_LATER)
-    bad = refused_changes(config_changes(relocated(old, new), new), cfg.get("allow_changes_on_resume") or (),
-                          planned_lengths(cfg), absent)
+    meaning = config_changes(relocated(old, new), new)  # where the checkout lies is not a setting
+    bad = refused_changes(meaning, cfg.get("allow_changes_on_resume") or (), planned_lengths(cfg), absent)
     if bad:
         raise RunDirError(
             f"{folder} holds a {task} run with other settings; resuming it with these would record "

@@ -36,11 +36,11 @@ METHOD_ORDER = ("dmd", "sid", "kd", "cd", "pd")
 def read_runs(paths) -> tuple[list[dict], list[str]]:
     runs, skipped = [], []
     for run in find_runs(paths):
-        if not (run / "results.json").is_file():
-            skipped.append(f"{run}: no results.json (still running, or stopped before its first record)")
-            continue
         try:
             results = json.loads((run / "results.json").read_text())
+        except FileNotFoundError:
+            skipped.append(f"{run}: no results.json (still running, or stopped before its first record)")
+            continue
         except (OSError, ValueError) as err:
             skipped.append(f"{run}: unreadable results.json ({err})")
             continue

@@ -13,11 +13,10 @@ the student learns to take N = 2N / 2 steps. Each iteration, on the trailing gri
             (ODE coordinates y = x / alpha, s = sigma / alpha:  x~ = (s_t y'' - s'' y_t) / (s_t - s''))
     loss  = max(SNR(t), 1) * ||x0_student(x_t, t) - x~||^2               ("truncated SNR" weighting)
 
-The learning rate decays linearly to 0 within each round (the paper's schedule) and restarts
-at its full value with the next (the warm-up runs once, at the start of round 0); one AdamW runs through all rounds, so its moment estimates carry
-over from one round's student to the next (a fresh optimizer per round is not what this module
-does, and has not been compared). Rounds run
-until N reaches the generator's number of steps: ``max_iterations`` is split evenly between
+The learning rate decays linearly to 0 within each round (the paper's schedule) and restarts at
+its full value with the next (the warm-up runs once, at the start of round 0). One AdamW runs
+through all rounds, so its moment estimates carry over from one round's student to the next (a
+fresh optimizer per round has not been compared). Rounds run until N reaches the generator's number of steps: ``max_iterations`` is split evenly between
 them. Each round's student samples by deterministic DDIM steps (``Generator(sampling="ddim")``)
 on trailing timesteps (4 steps: 999, 749, 499, 249); train.py releases every round's student
 (see :class:`dmd.callbacks.rounds.RoundReleases`).
