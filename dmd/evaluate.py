@@ -2,6 +2,7 @@
 
     python -m dmd.evaluate ckpt=<train run dir | generator folder>     # a distilled generator
                                    # (a run dir brings its teacher, data and eval preset)
+    python -m dmd.evaluate ckpt=<...> timesteps=[999,499]  # the generator's network in 2 steps
     python -m dmd.evaluate sampler=heun sampler.steps=8 sampler.guidance_scale=2.0  # the teacher
 
 Draws ``eval.num_samples`` samples (seeded noise, class-balanced labels), scores them with the
@@ -48,7 +49,7 @@ def score(cfg: DictConfig, out_dir: Path) -> Path:
     evaluator = instantiate(cfg.eval.evaluator)
     evaluator.teacher = teacher  # set after: instantiate() would turn the dataclass into a config
     if cfg.ckpt:
-        generator, info = load_generator(cfg.ckpt)
+        generator, info = load_generator(cfg.ckpt, cfg.get("timesteps"))
         model = generator_model(generator, info, f"generator {Path(cfg.ckpt).name}", cfg.seed)
     else:
         s = cfg.sampler

@@ -156,11 +156,13 @@ def pipeline_call(generator: Generator) -> dict:
                               "guidance_scale": 1.0 if guidance is None else guidance}}
 
 
-def load_generator(path: str | Path):
+def load_generator(path: str | Path, timesteps=None):
     """Load a generator saved by :func:`save_generator` from its folder or a ``dmd.train`` run dir.
 
-    Returns (generator, info) where ``info`` is a :class:`~dmd.teachers.Teacher` describing the
-    generator's network (sample shape, classes, null condition).
+    ``timesteps`` (None: those it was trained with) samples its network at other timesteps, e.g.
+    a consistency model, trained once, in 1, 2 or 4 steps. Returns (generator, info) where
+    ``info`` is a :class:`~dmd.teachers.Teacher` describing the generator's network (sample
+    shape, classes, null condition).
     """
     from dmd.teachers import load_teacher
 
@@ -180,4 +182,8 @@ def load_generator(path: str | Path):
         info = load_text_to_image_teacher(str(folder), **kwargs)  # guidance: a distilled Flux's input
     else:
         info = load_teacher(str(folder))
-    return Generator(info.denoiser, meta["timesteps"], meta.get("sampling", "fresh")), info
+    T = info.denoiser.schedule.num_train_timesteps
+    if timesteps is not None and not all(0 <= int(t) < T for t in timesteps):
+        raise ValueError(f"timesteps={list(timesteps)}: the generator's schedule has timesteps 0..{T - 1}.")
+    return Generator(info.denoiser, meta["timesteps"] if timesteps is None else timesteps,
+                     meta.get("sampling", "fresh")), info

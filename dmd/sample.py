@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> Path:
 def draw(cfg: DictConfig) -> Path:
     s = cfg.sampler
     if cfg.ckpt:  # a distilled generator: its own step schedule, no sampler settings
-        generator, generator_info = load_generator(cfg.ckpt)
+        generator, generator_info = load_generator(cfg.ckpt, cfg.get("timesteps"))
         samples, labels = sample_generator(generator, generator_info, cfg.num_samples, cfg.seed, cfg.batch_size)
         what = f"generator {cfg.ckpt} ({generator.num_steps} step(s), NFE {generator.num_steps})"
     else:

@@ -105,7 +105,9 @@ DATA = [("data.batch_size", whole(1)), ("data.num_workers", whole(0))]
 TRAINER = [("trainer.max_steps", whole(-1)), ("trainer.devices", (
     lambda v: v == "auto" or (_is_int(v) and v >= 1) or isinstance(v, (list, tuple)),
     "a whole number >= 1, a list of device ids, or auto"))]
-DRAW = [("batch_size", whole(1))]  # the commands that draw samples in batches
+DRAW = [("batch_size", whole(1)),  # the commands that draw samples in batches
+        ("timesteps", (lambda v: v is None or (whole_list(0)[0](v) and all(a > b for a, b in zip(v, v[1:]))),
+                       "null or a decreasing list of whole numbers >= 0"))]
 
 EVAL = [("eval.num_samples", whole(2)), ("eval.every_n_generator_steps", whole(1)),
         ("eval.grid_size", whole(1)), ("eval.seed", whole())]
@@ -206,6 +208,9 @@ def cross_problems(cfg: DictConfig, task: str) -> list[str]:
         if all(_is_number(w) and w == 0 for w in weights.values()):
             found.append(f"{', '.join(weights)} are all 0: the generator would never move "
                          "(set at least one > 0)")
+    if task in ("sample", "evaluate") and cfg.get("timesteps") is not None and not cfg.get("ckpt"):
+        found.append(f"timesteps={_plain(cfg.timesteps)}: re-times a distilled generator (give ckpt=<run dir>); "
+                     "the teacher's steps are sampler.steps")
     n, batch = OmegaConf.select(cfg, "data.num_samples"), OmegaConf.select(cfg, "data.batch_size")
     if task in ("train", "pretrain", "train_classifier") and _is_int(n) and _is_int(batch) and 0 < n < batch:
         found.append(f"data.num_samples={n} is smaller than data.batch_size={batch}: not one full "

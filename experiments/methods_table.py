@@ -1,13 +1,15 @@
 """The methods comparison table (conf/sweep/methods.yaml): DMD2 against SiD, knowledge,
 consistency and progressive distillation at 1, 2 and 4 steps, mean +- std over seeds.
 
-    python experiments/methods_table.py outputs/sweeps/methods outputs/sweeps/methods_kd \
+    python experiments/methods_table.py outputs/sweeps/methods [more sweep or run dirs] \
         [--out experiments/results/methods_fmnist] [--latency-batch 64]
 
 Reads every finished run's results.json under the given dirs (its final evaluation: FID in the
 Inception-free Fashion-MNIST classifier's feature space and in the independent ResNet's,
 precision/recall against the data, class consistency; the run's network passes, iterations and
-wall time) and groups the runs by (algorithm.method, generator steps). Latency: one released
+wall time), and every dmd.evaluate record of such a run's generator at other timesteps (CD's 2-
+and 4-step rows, conf/sweep/methods_cd_steps.yaml), and groups them by (algorithm.method,
+generator steps), one record per training seed. Latency: one released
 generator per group, ms/image at ``--latency-batch`` (warm median, dmd.latency) on this
 machine. Runs that failed or stopped before their budget are listed, never averaged in.
 Writes ``<out>.md`` and ``<out>.json``.
@@ -26,6 +28,9 @@ import torch
 from dmd.compare import find_runs
 from dmd.generator import load_generator
 from dmd.latency import device_name, latency_ms_per_image
+from dmd.rundir import relocated
+
+ROOT = Path(__file__).resolve().parents[1]
 
 COLUMNS = {"fid_fmnist_vs_data": "FID (fmnist)", "fid_fmnist_resnet_vs_data": "FID (resnet)",
            "precision_fmnist_vs_data": "precision", "recall_fmnist_vs_data": "recall",
@@ -33,25 +38,55 @@ COLUMNS = {"fid_fmnist_vs_data": "FID (fmnist)", "fid_fmnist_resnet_vs_data": "F
 METHOD_ORDER = ("dmd", "sid", "kd", "cd", "pd")
 
 
+def read_results(run: Path) -> tuple[dict | None, str | None]:
+    """(a completed training's or evaluation's results.json, None) or (None, why it is left out)."""
+    try:
+        results = json.loads((run / "results.json").read_text())
+    except FileNotFoundError:
+        return None, f"{run}: no results.json (still running, or stopped before its first record)"
+    except (OSError, ValueError) as err:
+        return None, f"{run}: unreadable results.json ({err})"
+    if results.get("status", "completed") != "completed" or results.get("stopped_early"):  # dmd.evaluate: no status
+        return None, f"{run}: {results.get('status')}{' (stopped early)' * bool(results.get('stopped_early'))}"
+    return results, None
+
+
+def scored_run(evaluation: dict) -> Path:
+    """The dmd.train run dir a dmd.evaluate record scored (its ckpt=), found on this machine: a
+    relative path from where the table runs or from the repository, an absolute one moved from
+    the recording checkout to this one (committed records)."""
+    config = evaluation["config"]
+    ckpt = Path(config["ckpt"])
+    if ckpt.is_absolute():
+        return Path(relocated(config, {"paths": {"root_dir": str(ROOT)}})["ckpt"])
+    return ckpt if ckpt.exists() else ROOT / ckpt
+
+
 def read_runs(paths) -> tuple[list[dict], list[str]]:
+    """One row per completed training run, and per dmd.evaluate record of a training run's
+    generator at other timesteps (conf/sweep/methods_cd_steps.yaml: its method, seed, passes and
+    wall time are the training run's, its metrics and steps its own)."""
     runs, skipped = [], []
     for run in find_runs(paths):
-        try:
-            results = json.loads((run / "results.json").read_text())
-        except FileNotFoundError:
-            skipped.append(f"{run}: no results.json (still running, or stopped before its first record)")
+        results, why = read_results(run)
+        if results is None:
+            skipped.append(why)
             continue
-        except (OSError, ValueError) as err:
-            skipped.append(f"{run}: unreadable results.json ({err})")
-            continue
-        if results.get("status") != "completed" or results.get("stopped_early"):
-            skipped.append(f"{run}: {results.get('status')}{' (stopped early)' * bool(results.get('stopped_early'))}")
-            continue
-        runs.append({"dir": str(run), "method": results["config"]["algorithm"].get("method", "dmd"),
-                     "steps": results["nfe"], "seed": results["config"]["seed"],
-                     "network_passes": results.get("network_passes"), "iterations": results["iterations"],
-                     "wall_seconds": results["wall_seconds"], "metrics": results["metrics"],
-                     "evaluation": (results["metrics"].get("num_samples"), results["config"]["eval"]["seed"])})
+        if results["config"].get("ckpt"):  # a dmd.evaluate record
+            generator = (scored_run(results), results["config"].get("timesteps"))
+            trained, why = read_results(generator[0])
+            if trained is None:
+                skipped.append(f"{run}: scores {why}")
+                continue
+            evaluation = (results["num_samples"], results["seed"])
+        else:
+            generator = (run, None)  # where its generator is (if on this machine), at which timesteps
+            trained, evaluation = results, (results["metrics"].get("num_samples"), results["config"]["eval"]["seed"])
+        runs.append({"dir": str(run), "method": trained["config"]["algorithm"].get("method", "dmd"),
+                     "steps": results["nfe"], "seed": trained["config"]["seed"],
+                     "network_passes": trained.get("network_passes"), "iterations": trained["iterations"],
+                     "wall_seconds": trained["wall_seconds"], "metrics": results["metrics"],
+                     "evaluation": evaluation, "generator": generator})
     return runs, skipped
 
 
@@ -74,6 +109,11 @@ def main() -> None:
     runs, skipped = read_runs(args.paths)
     groups = defaultdict(list)
     for r in runs:
+        same = [m for m in groups[(r["method"], r["steps"])] if m["seed"] == r["seed"]]
+        if same:  # e.g. a trained 2-step CD run and its seed's 1-step run scored at 2 steps
+            skipped.append(f"{r['dir']}: seed {r['seed']} of {r['method']} at {r['steps']} steps again "
+                           f"(counted once: {same[0]['dir']})")
+            continue
         groups[(r["method"], r["steps"])].append(r)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -81,9 +121,9 @@ def main() -> None:
         latency = None
         # any member's released generator will do (one UNet per group); a sweep's committed
         # records keep no weights, so a group may have none on this machine
-        released = [m["dir"] for m in members if (Path(m["dir"]) / "generator").is_dir()]
+        released = [m["generator"] for m in members if (Path(m["generator"][0]) / "generator").is_dir()]
         if not args.skip_latency and released:
-            generator, info = load_generator(released[0])
+            generator, info = load_generator(*released[0])
             generator = generator.to(device)
             latency = latency_ms_per_image(lambda noise, cond, uncond, g=generator: g(noise, cond), info,
                                            args.latency_batch, device)

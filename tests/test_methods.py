@@ -65,6 +65,28 @@ def test_resumes_exactly_and_releases_a_generator(cli, tmp_path, preset):
     assert np.load(out)["arr_0"].shape == (32, 2)
 
 
+@pytest.mark.slow
+def test_a_consistency_model_trained_once_scores_at_2_steps_as_one_trained_for_2_steps(cli, tmp_path):
+    """CD never reads the generator's timesteps in training (conf/sweep/methods_cd_steps.yaml
+    relies on it): its 1- and 2-step runs of one seed release identical networks, and dmd.evaluate
+    of the 1-step run at timesteps=[999,499] reproduces the 2-step run's final evaluation."""
+    tiny = ["experiment=gmm_cd", *TINY_KD[1:], "max_iterations=13", "algorithm.ema_decay=0.9",
+            f"paths.cache_dir={tmp_path}/cache"]
+    one, two, scored = tmp_path / "one", tmp_path / "two", tmp_path / "scored"
+    cli("dmd.train", *tiny, "algorithm.generator_timesteps=[999]", f"hydra.run.dir={one}")
+    cli("dmd.train", *tiny, "algorithm.generator_timesteps=[999,499]", f"hydra.run.dir={two}")
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cli("dmd.evaluate", f"ckpt={one}", "timesteps=[999,499]", "eval.num_samples=200", "latency.batch_sizes=[8]",
+        "latency.repeats=2", "latency.warmup=1", f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={scored}")
+    trained = json.loads((two / "results.json").read_text())
+    result = json.loads((scored / "results.json").read_text())
+    assert result["nfe"] == 2 and trained["metrics"]["num_samples"] == result["num_samples"] == 200
+    assert result["metrics"] == trained["metrics"]
+    one_step = json.loads((one / "results.json").read_text())["metrics"]
+    assert one_step["energy_distance"] != result["metrics"]["energy_distance"]  # 2 steps were drawn
+
+
 def test_kd_refuses_a_multi_step_student(cli, tmp_path):
     proc = cli("dmd.train", *TINY_KD, "algorithm.generator_timesteps=[999,499]", f"hydra.run.dir={tmp_path}/run",
                check=False)
@@ -144,27 +166,45 @@ def test_pd_plans_its_rounds_from_a_pass_budget_counting_cfg_twice(cli, tmp_path
     assert sorted(p.name for p in (run / "rounds").iterdir()) == ["1step", "2step"]
 
 
-def test_every_job_of_the_methods_sweep_composes_and_validates():
-    """conf/sweep/methods.yaml's 36 jobs (and KD's 3) are valid runs at the shared pass budget: CD's
-    grid holds the 1-, 2- and 4-step timesteps, PD's rounds are planned from the budget."""
+def _sweep_jobs(compose, config: str, sweep: str) -> list[dict]:
+    """Every job of a sweep config's basic-sweeper grid, as {key: value} overrides."""
     import itertools
 
+    params = compose(config, overrides=[f"+sweep={sweep}"], return_hydra_config=True).hydra.sweeper.params
+    values = {k: v.replace("],[", "]|[").split("|") if "[" in v else v.split(",") for k, v in params.items()}
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+
+
+def test_every_job_of_the_methods_sweep_composes_and_validates():
+    """conf/sweep/methods.yaml's 27 jobs, KD's and CD's one-step 3 + 3, are valid runs at the
+    shared pass budget (PD's rounds are planned from it); conf/sweep/methods_cd_steps.yaml scores
+    each seed's one-step CD run (the dir the training sweep names it) at 2 and 4 timesteps of its grid."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from dmd.methods.cd import grid_problems
     from dmd.validation import validate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        sweep = compose("train", overrides=["+sweep=methods"], return_hydra_config=True).hydra.sweeper.params
-        values = {k: v.replace("],[", "]|[").split("|") if "[" in v else v.split(",") for k, v in sweep.items()}
-        jobs = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
-        jobs += [{"experiment": "fmnist_kd", "algorithm.generator_timesteps": "[999]", "seed": s} for s in "012"]
-        assert len(jobs) == 39
+        jobs = _sweep_jobs(compose, "train", "methods")
+        jobs += [{"experiment": e, "algorithm.generator_timesteps": "[999]", "seed": s}
+                 for e in ("fmnist_kd", "fmnist_cd") for s in "012"]
+        assert len(jobs) == 33
         for job in jobs:
             cfg = compose("train", overrides=["+sweep=methods", *(f"{k}={v}" for k, v in job.items())])
             validate(cfg, "train")
             assert cfg.max_network_passes == 150_000 and cfg.max_iterations >= 10**6, job
             assert OmegaConf.select(cfg, "algorithm.method") == job["experiment"].split("_")[1].replace("dmd2", "dmd")
+        cd_grid = compose("train", overrides=["experiment=fmnist_cd"]).algorithm.cd.num_ode_steps
+        scorings = _sweep_jobs(compose, "evaluate", "methods_cd_steps")
+        assert sorted((j["train_seed"], j["timesteps"]) for j in scorings) == [
+            (s, t) for s in "012" for t in ("[999,499]", "[999,749,499,249]")]
+        for job in scorings:
+            cfg = compose("evaluate", overrides=["+sweep=methods_cd_steps", *(f"{k}={v}" for k, v in job.items())])
+            validate(cfg, "evaluate")
+            assert cfg.ckpt == ("experiments/results/methods_sweep/algorithm.generator_timesteps=[999],"
+                                f"experiment=fmnist_cd,seed={job['train_seed']}")
+            assert grid_problems(list(cfg.timesteps), cd_grid) == [] and cfg.eval.num_samples == 1000
 
 
 @pytest.mark.parametrize("preset, module, fake_score, sampling", [
@@ -193,18 +233,28 @@ def test_each_method_builds_its_own_module_from_the_registry(tmp_path, preset, m
         assert built.alpha == cfg.algorithm.sid.alpha
 
 
-def _record(folder, method, seed, fid, status="completed", stopped_early=False):
+def _record(folder, method, seed, fid, status="completed", stopped_early=False, nfe=1):
     folder.mkdir(parents=True)
     folder.joinpath("results.json").write_text(json.dumps({
-        "status": status, "stopped_early": stopped_early, "nfe": 1, "iterations": 100, "network_passes": 480,
+        "status": status, "stopped_early": stopped_early, "nfe": nfe, "iterations": 100, "network_passes": 480,
         "wall_seconds": 60.0, "metrics": {"fid_fmnist_vs_data": fid, "num_samples": 1000},
         "config": {"algorithm": {"method": method}, "seed": seed, "eval": {"seed": 0}}}))
+
+
+def _scored(folder, trained, nfe, fid):
+    """A dmd.evaluate record of ``trained``'s generator at ``nfe`` timesteps (its seed is the eval stream's)."""
+    folder.mkdir(parents=True)
+    folder.joinpath("results.json").write_text(json.dumps({
+        "model": "generator", "nfe": nfe, "num_samples": 1000, "seed": 0, "wall_seconds": 5.0,
+        "metrics": {"fid_fmnist_vs_data": fid, "num_samples": 1000},
+        "config": {"ckpt": str(trained), "timesteps": [999, 499][:nfe], "seed": 0}}))
 
 
 def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp_path, monkeypatch):
     """The table of the methods sweep: one row per (method, steps) with mean ± std over the
     completed runs' seeds; a run stopped early or failed is listed, never averaged in; a group
-    whose generators are not on this machine (a sweep's committed records) gets no latency."""
+    whose generators are not on this machine (a sweep's committed records) gets no latency; a
+    dmd.evaluate record of a run at other steps is a row of that run's method and seed, once."""
     spec = importlib.util.spec_from_file_location("methods_table", ROOT / "experiments" / "methods_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
@@ -215,15 +265,29 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     _record(sweep / "dmd_1", "dmd", 1, 9.0, stopped_early=True)
     _record(sweep / "dmd_2", "dmd", 2, 9.0, status="failed")
     (sweep / "cd_0" / ".hydra").mkdir(parents=True)  # a job still running: no results.json yet
+    # CD trained once per seed, scored at 2 steps by dmd.evaluate: the training's seed and passes,
+    # the evaluation's metrics; seed 1 also trained at 2 steps (the same network): counted once.
+    _record(sweep / "cd_1", "cd", 1, 7.0)
+    _record(sweep / "cd_2", "cd", 2, 7.5)
+    _record(sweep / "cd_2step_1", "cd", 1, 4.0, nfe=2)
+    _scored(sweep / "cd_steps" / "seed_1", sweep / "cd_1", 2, 4.0)
+    _scored(sweep / "cd_steps" / "seed_2", sweep / "cd_2", 2, 6.0)
+    _scored(sweep / "cd_steps" / "seed_3", sweep / "cd_3", 2, 1.0)  # its training run is not here
     out = tmp_path / "table"
     monkeypatch.setattr(sys, "argv", ["methods_table.py", str(sweep), "--out", str(out)])
     table.main()
-    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    rows = {r["method"] if r["steps"] == 1 else (r["method"], r["steps"]): r
+            for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    cd2 = rows[("cd", 2)]
+    assert cd2["seeds"] == [1, 2] and cd2["fid_fmnist_vs_data"] == [4.0, 6.0] and cd2["network_passes"] == [480, 480]
+    assert rows["cd"]["seeds"] == [1, 2] and rows["cd"]["fid_fmnist_vs_data"] == [7.0, 7.5]
     assert rows["sid"]["fid_fmnist_vs_data"] == [1.0, 2.0] and rows["sid"]["seeds"] == [0, 1]
     assert rows["dmd"]["fid_fmnist_vs_data"] == [3.0] and rows["dmd"]["seeds"] == [0]
     assert rows["sid"]["latency_ms_per_image"] is None
     text = out.with_suffix(".md").read_text()
     assert "| sid | 1 | 1.500 ± 0.707 |" in text and "| dmd | 1 | 3.000 |" in text
     assert text.index("| dmd |") < text.index("| sid |")
-    assert "Not averaged in (3)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
-    assert "cd_0: no results.json (still running" in text and "| cd |" not in text
+    assert "Not averaged in (5)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
+    assert "cd_0: no results.json (still running" in text
+    assert f"seed_1: seed 1 of cd at 2 steps again (counted once: {sweep / 'cd_2step_1'})" in text
+    assert "seed_3: scores " in text and "cd_3: no results.json" in text

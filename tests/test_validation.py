@@ -82,6 +82,16 @@ def test_other_commands_mistakes_are_named(name, overrides, named):
     assert named in str(err.value) and f"({problems} problem" in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["sample", "evaluate"])
+def test_generator_timesteps_need_a_generator_and_a_decreasing_order(name):
+    out = ["out=x.npz"] if name == "sample" else []
+    with pytest.raises(ConfigError, match=r"timesteps=\[999, 499\]: re-times a distilled generator \(give ckpt="):
+        validate(_cfg(name, *out, "timesteps=[999,499]"), name)
+    with pytest.raises(ConfigError, match=r"\(1 problem\)[^$]*timesteps=\[499, 999\]: must be null or a decreasing"):
+        validate(_cfg(name, *out, "ckpt=run", "timesteps=[499,999]"), name)
+    validate(_cfg(name, *out, "ckpt=run", "timesteps=[999,499]"), name)
+
+
 def test_a_refused_config_writes_nothing(cli, tmp_path):
     proc = cli("dmd.sample", "out=x.npz", "num_samples=abc", f"hydra.run.dir={tmp_path}/run", check=False)
     assert proc.returncode != 0 and "num_samples='abc': must be a whole number >= 1" in proc.stderr
