@@ -274,12 +274,13 @@ def _drop_empty_job_log(folder: Path) -> None:
 
 @contextmanager
 def claim_run_dir(cfg: DictConfig, task: str, resumable: bool = False, started=lambda d: False,
-                  prepare=None, on_error=None):
+                  prepare=None, on_error=None, refuse=None):
     """Claim the current run dir for command ``task`` and yield ``(run dir, resume)``.
 
     In order: ``prepare(cfg)`` (validation; it may complete the config), refusal of a dir this
     command may not use (before the lock file is made: such a dir gets nothing), the lock, the
-    same check under the lock, and the config records. ``resume`` is None for a fresh dir, else
+    same check under the lock (with ``refuse(dir, cfg)``, the command's own refusals, which raise
+    :class:`RunDirError`), and the config records. ``resume`` is None for a fresh dir, else
     ``{"time", "overrides", "changed": {key: [old, new]}, "git"}``; ``started(dir)`` says whether the dir
     holds trained state (then only operational settings may change). ``on_error(dir, err)``
     records a failure (a refused config included, so that a sweep's bad job is reported) in the
@@ -297,15 +298,21 @@ def claim_run_dir(cfg: DictConfig, task: str, resumable: bool = False, started=l
             raise invalid
         yield folder, None
         return
+    def refused():
+        changes = check_reuse(folder, task, cfg, resumable, started(folder), compare=invalid is None)
+        if refuse is not None and invalid is None:
+            refuse(folder, cfg)
+        return changes
+
     try:
-        check_reuse(folder, task, cfg, resumable, started(folder), compare=invalid is None)
+        refused()
     except RunDirError:
         _drop_empty_job_log(folder)
         raise
     lock = _Lock(folder)
     lock.acquire()
     try:
-        changes = check_reuse(folder, task, cfg, resumable, started(folder), compare=invalid is None)
+        changes = refused()
         resume = None if changes is None else {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": job_overrides(),
             "changed": changes, "git": provenance["git"]}  # which code ran from here on

@@ -38,7 +38,7 @@ from dmd.generator import load_generator, save_generator
 from dmd.methods.pd import PDModule
 from dmd.metrics.evaluator import check_independent
 from dmd.provenance import run_provenance
-from dmd.rundir import claim_run_dir, completed_as_configured
+from dmd.rundir import RunDirError, claim_run_dir, completed_as_configured
 from dmd.runs import (
     build_trainer,
     finish_wandb,
@@ -101,15 +101,35 @@ def check_training_signals(cfg: DictConfig) -> None:
                       evaluator)
 
 
+def has_checkpoint(folder: Path) -> bool:
+    """Whether a train run dir holds a training state to resume from."""
+    last = folder / "checkpoints" / "last.ckpt"
+    return any(p.exists() for p in (last, previous_save(last), previous_save(last, sharded=True)))
+
+
+def is_completed(folder: Path) -> bool:
+    try:
+        return read_results(folder / "results.json").get("status") == "completed"
+    except (OSError, ValueError):  # an unreadable record: the checkpoints decide
+        return False
+
+
 def has_trained_state(folder: Path) -> bool:
     """Whether a train run dir holds training progress (a checkpoint or a completed record)."""
-    last = folder / "checkpoints" / "last.ckpt"
-    saves = [last, previous_save(last), previous_save(last, sharded=True)]
-    try:
-        completed = read_results(folder / "results.json").get("status") == "completed"
-    except (OSError, ValueError):  # an unreadable record: the checkpoints decide
-        completed = False
-    return completed or any(p.exists() for p in saves)
+    return is_completed(folder) or has_checkpoint(folder)
+
+
+def refuse_a_bare_record(folder: Path, cfg: DictConfig) -> None:
+    """Refuse to train in a dir holding a completed run's record without its training state
+    (e.g. sweep records committed from another machine, weights ignored): with any change of
+    settings it would train again from iteration 0 and replace the record of what completed."""
+    if is_completed(folder) and not has_checkpoint(folder) and not completed_as_configured(folder, cfg):
+        raise RunDirError(
+            f"{folder} holds a completed run's record but not its training state (no checkpoints/last.ckpt, "
+            "e.g. records committed from another machine): with these settings it would train again from "
+            "iteration 0 and replace that record. Rerun with the run's own settings (nothing to train), score "
+            f"its generator with `python -m dmd.evaluate ckpt={folder}` (if generator/ is here), or train in a "
+            "new run dir (leave out hydra.run.dir).")
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -122,7 +142,7 @@ def prepare(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> Path:
     started = time.time()
     with claim_run_dir(cfg, "train", resumable=True, started=has_trained_state, prepare=prepare,
-                       on_error=record_failure) as (out_dir, resume):
+                       on_error=record_failure, refuse=refuse_a_bare_record) as (out_dir, resume):
         if completed_as_configured(out_dir, cfg):  # e.g. a sweep rerun: its finished jobs
             log.info("%s already completed this run (results.json): nothing to train. Raise "
                      "max_iterations or generator_steps to extend it; `python -m dmd.evaluate ckpt=%s` "

@@ -1,6 +1,7 @@
 """``python -m dmd.train``: presets run end to end, resume exactly, and release a sampleable generator."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -59,6 +60,15 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cli, tmp_path):
     record = json.loads((straight / "results.json").read_text())
     assert record["resumes"][-1]["changed"]["eval.num_samples"] == [200, 100]
     assert record["metrics"]["num_samples"] == 100
+    # Its record without its training state (committed records on another machine): a rerun as it
+    # was trains nothing; with a change it is refused, not trained again from iteration 0.
+    shutil.rmtree(straight / "checkpoints")
+    files = records()
+    proc = cli("dmd.train", *TINY_GMM, "max_iterations=23", "eval.num_samples=100", f"hydra.run.dir={straight}")
+    assert "already completed this run" in proc.stdout + proc.stderr
+    proc = cli("dmd.train", *TINY_GMM, "max_iterations=23", f"hydra.run.dir={straight}", check=False)
+    assert proc.returncode != 0 and "holds a completed run's record but not its training state" in proc.stderr
+    assert records() == files
 
 
 def test_released_generator_samples_through_the_cli(cli, tmp_path):
