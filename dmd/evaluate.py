@@ -9,7 +9,8 @@ Draws ``eval.num_samples`` samples (seeded noise, class-balanced labels), scores
 evaluator of ``eval=`` (FID/KID vs the data and the teacher's reference samples, class
 consistency), and times the model: NFE and milliseconds per image at each of
 ``latency.batch_sizes`` (warm, median of ``latency.repeats``), beside the time of one forward
-of the network alone. Writes ``results.json``, ``results.md`` (a markdown table row) and
+of the network alone. Writes ``results.json`` (with ``generator``: which generator, at which
+timesteps, and the training its run had when scored), ``results.md`` (a markdown table row) and
 ``samples.png`` into the run dir.
 """
 
@@ -25,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dmd.evaluation import evaluate_model, generator_model, markdown_table, teacher_model
-from dmd.files import atomic_path, write_results
+from dmd.files import atomic_path, read_results, write_results
 from dmd.generator import load_generator
 from dmd.provenance import run_provenance
 from dmd.rundir import claim_run_dir
@@ -58,6 +59,8 @@ def score(cfg: DictConfig, out_dir: Path) -> Path:
     results, samples = evaluate_model(model, evaluator, cfg.eval.num_samples, cfg.seed,
                                       cfg.batch_size, lat.batch_sizes, lat.repeats, lat.warmup)
     results["teacher_metrics"] = evaluator.teacher_metrics(cfg.eval.num_samples)
+    if cfg.ckpt:
+        results["generator"] = scored_generator(Path(cfg.ckpt), generator.timesteps)
     results.update(command=" ".join(["python -m dmd.evaluate", *sys.argv[1:]]),
                    provenance=run_provenance(),
                    wall_seconds=round(time.time() - started, 1),
@@ -70,6 +73,21 @@ def score(cfg: DictConfig, out_dir: Path) -> Path:
              {k: round(v, 4) for k, v in results["metrics"].items() if isinstance(v, float)},
              {k: round(v, 3) for k, v in results["latency_ms_per_image"].items()}, out_dir)
     return out_dir
+
+
+def scored_generator(ckpt: Path, timesteps: list[int]) -> dict:
+    """Which generator was scored: its absolute path, the timesteps it sampled at, and, for a
+    ``dmd.train`` run dir, the training it had when scored (so that a table can tell a score of
+    a run extended since from one of the run as it stands)."""
+    scored = {"path": str(ckpt.expanduser().resolve()), "timesteps": list(timesteps)}
+    try:
+        record = read_results(ckpt / "results.json")
+    except (OSError, ValueError):
+        record = {}
+    if not record:  # a bare generator folder
+        return scored
+    scored["training"] = {k: record.get(k) for k in ("status", "iterations", "network_passes")}
+    return scored
 
 
 def with_run_settings(cfg: DictConfig) -> DictConfig:

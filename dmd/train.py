@@ -107,23 +107,31 @@ def has_checkpoint(folder: Path) -> bool:
     return any(p.exists() for p in (last, previous_save(last), previous_save(last, sharded=True)))
 
 
-def is_completed(folder: Path) -> bool:
+def completed_record(folder: Path) -> dict | None:
+    """The run's results.json if it records a completed training, else None."""
     try:
-        return read_results(folder / "results.json").get("status") == "completed"
+        record = read_results(folder / "results.json")
     except (OSError, ValueError):  # an unreadable record: the checkpoints decide
-        return False
+        return None
+    return record if record.get("status") == "completed" else None
 
 
 def has_trained_state(folder: Path) -> bool:
     """Whether a train run dir holds training progress (a checkpoint or a completed record)."""
-    return is_completed(folder) or has_checkpoint(folder)
+    return completed_record(folder) is not None or has_checkpoint(folder)
 
 
 def refuse_a_bare_record(folder: Path, cfg: DictConfig) -> None:
     """Refuse to train in a dir holding a completed run's record without its training state
     (e.g. sweep records committed from another machine, weights ignored): with any change of
-    settings it would train again from iteration 0 and replace the record of what completed."""
-    if is_completed(folder) and not has_checkpoint(folder) and not completed_as_configured(folder, cfg):
+    settings it would train again from iteration 0 and replace the record of what completed.
+    (A run stopped early, e.g. by trainer.max_time, before its first checkpoint may restart.)"""
+    record = completed_record(folder)
+    if record is None or record.get("stopped_early") or has_checkpoint(folder):
+        return
+    if cfg.get("ckpt_path") not in (None, "", "none", "last"):  # its state is given from elsewhere
+        return
+    if not completed_as_configured(folder, cfg):
         raise RunDirError(
             f"{folder} holds a completed run's record but not its training state (no checkpoints/last.ckpt, "
             "e.g. records committed from another machine): with these settings it would train again from "

@@ -38,56 +38,90 @@ COLUMNS = {"fid_fmnist_vs_data": "FID (fmnist)", "fid_fmnist_resnet_vs_data": "F
 METHOD_ORDER = ("dmd", "sid", "kd", "cd", "pd")
 
 
-def read_results(run: Path) -> tuple[dict | None, str | None]:
-    """(a completed training's or evaluation's results.json, None) or (None, why it is left out)."""
+def load(run: Path) -> tuple[dict | None, str | None]:
+    """(the run dir's results.json, None) or (None, why it cannot be read)."""
     try:
-        results = json.loads((run / "results.json").read_text())
+        return json.loads((run / "results.json").read_text()), None
     except FileNotFoundError:
         return None, f"{run}: no results.json (still running, or stopped before its first record)"
     except (OSError, ValueError) as err:
         return None, f"{run}: unreadable results.json ({err})"
-    if results.get("status", "completed") != "completed" or results.get("stopped_early"):  # dmd.evaluate: no status
-        return None, f"{run}: {results.get('status')}{' (stopped early)' * bool(results.get('stopped_early'))}"
-    return results, None
 
 
-def scored_run(evaluation: dict) -> Path:
-    """The dmd.train run dir a dmd.evaluate record scored (its ckpt=), found on this machine: a
-    relative path from where the table runs or from the repository, an absolute one moved from
-    the recording checkout to this one (committed records)."""
-    config = evaluation["config"]
-    ckpt = Path(config["ckpt"])
-    if ckpt.is_absolute():
-        return Path(relocated(config, {"paths": {"root_dir": str(ROOT)}})["ckpt"])
-    return ckpt if ckpt.exists() else ROOT / ckpt
+def unfinished(run: Path, results: dict) -> str | None:
+    """Why a training record is not a finished run (None: it is)."""
+    if "status" not in results:
+        return f"{run}: no final record yet (still running, or stopped after an evaluation)"
+    if results["status"] != "completed" or results.get("stopped_early"):
+        return f"{run}: {results['status']}{' (stopped early)' * bool(results.get('stopped_early'))}"
+    return None
+
+
+def locate(path: str, config: dict) -> Path:
+    """A recorded absolute path on this machine: as recorded if it exists, else moved from the
+    recording checkout (``paths.root_dir``) to this one (committed records)."""
+    if Path(path).exists():
+        return Path(path)
+    return Path(relocated({"paths": config.get("paths"), "at": path}, {"paths": {"root_dir": str(ROOT)}})["at"])
+
+
+def comparable_evaluator(config: dict) -> dict:
+    evaluator = dict(config["eval"]["evaluator"])
+    evaluator.pop("cache_dir", None)  # where references are cached, not what they are
+    return evaluator
+
+
+def row(run: Path, results: dict, trained: dict, generator: tuple, evaluation: tuple) -> dict:
+    return {"dir": str(run), "method": trained["config"]["algorithm"].get("method", "dmd"),
+            "steps": results["nfe"], "seed": trained["config"]["seed"],
+            "network_passes": trained.get("network_passes"), "iterations": trained["iterations"],
+            "wall_seconds": trained["wall_seconds"], "metrics": results["metrics"],
+            "evaluation": evaluation, "generator": generator}
+
+
+def scored_row(run: Path, results: dict) -> tuple[dict | None, str | None]:
+    """A dmd.evaluate record of a training run's generator at other timesteps as a row of that
+    run's method and seed, or why it is not one: it scores no training run here, a run extended
+    since, or under another protocol than the run's own final evaluation."""
+    config, scored = results["config"], results.get("generator")
+    if not config.get("ckpt"):
+        return None, f"{run}: an evaluation of the teacher, not of a method's run"
+    if scored is None or "training" not in scored:
+        return None, f"{run}: records no scored training run (score it again with this version's dmd.evaluate)"
+    path = locate(scored["path"], config)
+    trained, why = load(path)
+    if trained is None or unfinished(path, trained):
+        return None, f"{run}: scores {why or unfinished(path, trained)}"
+    now = {k: trained.get(k) for k in scored["training"]}
+    if now != scored["training"]:
+        return None, f"{run}: scored {path} as {scored['training']}; it now records {now}: score it again"
+    evaluation = (results["num_samples"], results["seed"])
+    own = (trained["metrics"].get("num_samples"), trained["config"]["eval"]["seed"])
+    moved = relocated(config, trained["config"])
+    if evaluation != own or comparable_evaluator(moved) != comparable_evaluator(trained["config"]):
+        return None, (f"{run}: scored on {evaluation[0]} samples, seed {evaluation[1]}, not under the run's own "
+                      f"evaluation ({own[0]} samples, seed {own[1]}, its evaluator): not comparable")
+    return row(run, results, trained, (path, scored["timesteps"]), evaluation), None
 
 
 def read_runs(paths) -> tuple[list[dict], list[str]]:
-    """One row per completed training run, and per dmd.evaluate record of a training run's
+    """One row per completed training run, then one per dmd.evaluate record of a training run's
     generator at other timesteps (conf/sweep/methods_cd_steps.yaml: its method, seed, passes and
     wall time are the training run's, its metrics and steps its own)."""
-    runs, skipped = [], []
+    trained_rows, scored_rows, skipped = [], [], []
     for run in find_runs(paths):
-        results, why = read_results(run)
-        if results is None:
+        results, why = load(run)
+        if results is not None and results.get("config", {}).get("task_name") == "evaluate":
+            scored, why = scored_row(run, results)
+            scored_rows += [scored] if scored else []
+        elif results is not None:
+            why = unfinished(run, results)
+            if why is None:  # its generator (if on this machine) at its own timesteps
+                evaluation = (results["metrics"].get("num_samples"), results["config"]["eval"]["seed"])
+                trained_rows.append(row(run, results, results, (run, None), evaluation))
+        if why:
             skipped.append(why)
-            continue
-        if results["config"].get("ckpt"):  # a dmd.evaluate record
-            generator = (scored_run(results), results["config"].get("timesteps"))
-            trained, why = read_results(generator[0])
-            if trained is None:
-                skipped.append(f"{run}: scores {why}")
-                continue
-            evaluation = (results["num_samples"], results["seed"])
-        else:
-            generator = (run, None)  # where its generator is (if on this machine), at which timesteps
-            trained, evaluation = results, (results["metrics"].get("num_samples"), results["config"]["eval"]["seed"])
-        runs.append({"dir": str(run), "method": trained["config"]["algorithm"].get("method", "dmd"),
-                     "steps": results["nfe"], "seed": trained["config"]["seed"],
-                     "network_passes": trained.get("network_passes"), "iterations": trained["iterations"],
-                     "wall_seconds": trained["wall_seconds"], "metrics": results["metrics"],
-                     "evaluation": evaluation, "generator": generator})
-    return runs, skipped
+    return trained_rows + scored_rows, skipped  # a seed's training record counts before its scorings
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -149,7 +183,7 @@ def main() -> None:
                f"warm median ms per image at batch {args.latency_batch} on {device_name(device)}"
                + ("; '-': no released generator of the group on this machine (records only)"
                   if any(r["latency_ms_per_image"] is None for r in rows) else ""))
-    evaluations = sorted({r["evaluation"] for r in runs}, key=str)
+    evaluations = sorted({m["evaluation"] for members in groups.values() for m in members}, key=str)
     lines += ["", "Scored on each run's final evaluation: " + "; ".join(
         f"{n} held-out samples of the eval stream, seed {seed}" for n, seed in evaluations) +
         " (training seeds in the last column; FIDs in the two Fashion-MNIST feature networks, "

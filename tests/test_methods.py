@@ -82,6 +82,9 @@ def test_a_consistency_model_trained_once_scores_at_2_steps_as_one_trained_for_2
     trained = json.loads((two / "results.json").read_text())
     result = json.loads((scored / "results.json").read_text())
     assert result["nfe"] == 2 and trained["metrics"]["num_samples"] == result["num_samples"] == 200
+    assert result["generator"] == {"path": str(one.resolve()), "timesteps": [999, 499], "training": {
+        "status": "completed", "iterations": 13, "network_passes": json.loads((one / "results.json").read_text())[
+            "network_passes"]}}
     assert result["metrics"] == trained["metrics"]
     one_step = json.loads((one / "results.json").read_text())["metrics"]
     assert one_step["energy_distance"] != result["metrics"]["energy_distance"]  # 2 steps were drawn
@@ -233,28 +236,35 @@ def test_each_method_builds_its_own_module_from_the_registry(tmp_path, preset, m
         assert built.alpha == cfg.algorithm.sid.alpha
 
 
+EVALUATOR = {"_target_": "dmd.metrics.Evaluator", "kid_subsets": 100, "cache_dir": "/cache/references"}
+
+
 def _record(folder, method, seed, fid, status="completed", stopped_early=False, nfe=1):
     folder.mkdir(parents=True)
     folder.joinpath("results.json").write_text(json.dumps({
         "status": status, "stopped_early": stopped_early, "nfe": nfe, "iterations": 100, "network_passes": 480,
         "wall_seconds": 60.0, "metrics": {"fid_fmnist_vs_data": fid, "num_samples": 1000},
-        "config": {"algorithm": {"method": method}, "seed": seed, "eval": {"seed": 0}}}))
+        "config": {"algorithm": {"method": method}, "seed": seed, "eval": {"seed": 0, "evaluator": EVALUATOR}}}))
 
 
-def _scored(folder, trained, nfe, fid):
+def _scored(folder, trained, nfe, fid, num_samples=1000, iterations=100, ckpt="run"):
     """A dmd.evaluate record of ``trained``'s generator at ``nfe`` timesteps (its seed is the eval stream's)."""
     folder.mkdir(parents=True)
     folder.joinpath("results.json").write_text(json.dumps({
-        "model": "generator", "nfe": nfe, "num_samples": 1000, "seed": 0, "wall_seconds": 5.0,
-        "metrics": {"fid_fmnist_vs_data": fid, "num_samples": 1000},
-        "config": {"ckpt": str(trained), "timesteps": [999, 499][:nfe], "seed": 0}}))
+        "model": "generator", "nfe": nfe, "num_samples": num_samples, "seed": 0, "wall_seconds": 5.0,
+        "metrics": {"fid_fmnist_vs_data": fid, "num_samples": num_samples},
+        "generator": {"path": str(trained), "timesteps": [999, 749, 499, 249][:nfe], "training": {
+            "status": "completed", "iterations": iterations, "network_passes": 480}},
+        "config": {"task_name": "evaluate", "ckpt": ckpt, "seed": 0,
+                   "eval": {"evaluator": {**EVALUATOR, "cache_dir": "/elsewhere"}}}}))
 
 
 def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp_path, monkeypatch):
     """The table of the methods sweep: one row per (method, steps) with mean ± std over the
     completed runs' seeds; a run stopped early or failed is listed, never averaged in; a group
     whose generators are not on this machine (a sweep's committed records) gets no latency; a
-    dmd.evaluate record of a run at other steps is a row of that run's method and seed, once."""
+    dmd.evaluate record of a run at other steps is a row of that run's method and seed, once,
+    only while it scores the run as it stands under the run's own evaluation protocol."""
     spec = importlib.util.spec_from_file_location("methods_table", ROOT / "experiments" / "methods_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
@@ -265,14 +275,20 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     _record(sweep / "dmd_1", "dmd", 1, 9.0, stopped_early=True)
     _record(sweep / "dmd_2", "dmd", 2, 9.0, status="failed")
     (sweep / "cd_0" / ".hydra").mkdir(parents=True)  # a job still running: no results.json yet
+    (sweep / "dmd_3").mkdir()  # one evaluated during training, not finished: no status yet
+    (sweep / "dmd_3" / "results.json").write_text(json.dumps({"evaluations": [], "teacher_metrics": {}}))
     # CD trained once per seed, scored at 2 steps by dmd.evaluate: the training's seed and passes,
-    # the evaluation's metrics; seed 1 also trained at 2 steps (the same network): counted once.
+    # the evaluation's metrics; seed 1 also trained at 2 steps (the same network): its training
+    # record counts, though the scoring sorts first.
     _record(sweep / "cd_1", "cd", 1, 7.0)
     _record(sweep / "cd_2", "cd", 2, 7.5)
     _record(sweep / "cd_2step_1", "cd", 1, 4.0, nfe=2)
-    _scored(sweep / "cd_steps" / "seed_1", sweep / "cd_1", 2, 4.0)
+    _scored(sweep / "a_scored" / "seed_1", sweep / "cd_1", 2, 3.5)
     _scored(sweep / "cd_steps" / "seed_2", sweep / "cd_2", 2, 6.0)
+    _scored(sweep / "cd_steps" / "seed_2_4", sweep / "cd_2", 4, 5.0, iterations=50)  # the run was extended since
+    _scored(sweep / "cd_steps" / "seed_2_4_10k", sweep / "cd_2", 4, 5.0, num_samples=10000)  # another protocol
     _scored(sweep / "cd_steps" / "seed_3", sweep / "cd_3", 2, 1.0)  # its training run is not here
+    _scored(sweep / "cd_steps" / "teacher", sweep / "cd_2", 4, 1.0, ckpt=None)  # dmd.evaluate of the teacher
     out = tmp_path / "table"
     monkeypatch.setattr(sys, "argv", ["methods_table.py", str(sweep), "--out", str(out)])
     table.main()
@@ -287,7 +303,10 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     text = out.with_suffix(".md").read_text()
     assert "| sid | 1 | 1.500 ± 0.707 |" in text and "| dmd | 1 | 3.000 |" in text
     assert text.index("| dmd |") < text.index("| sid |")
-    assert "Not averaged in (5)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
-    assert "cd_0: no results.json (still running" in text
+    assert "Not averaged in (9)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
+    assert "cd_0: no results.json (still running" in text and "dmd_3: no final record yet" in text
     assert f"seed_1: seed 1 of cd at 2 steps again (counted once: {sweep / 'cd_2step_1'})" in text
     assert "seed_3: scores " in text and "cd_3: no results.json" in text
+    assert ("cd", 4) not in rows and "seed_2_4: scored" in text and "score it again" in text
+    assert "seed_2_4_10k: scored on 10000 samples, seed 0, not under the run's own evaluation (1000" in text
+    assert "teacher: an evaluation of the teacher" in text

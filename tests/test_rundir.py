@@ -278,3 +278,31 @@ def test_a_refused_config_is_recorded_in_a_fresh_dir_only(tmp_path):
             with claim_run_dir(cfg, "evaluate", prepare=lambda c: validate(c, "evaluate"), on_error=record):
                 pass
     assert digests(other) == before
+
+
+def test_a_completed_record_without_its_training_state_refuses_a_change(tmp_path):
+    """dmd.train over a completed run's record whose checkpoints are not here (committed sweep
+    records on another machine): the same settings train nothing, other settings are refused
+    (they would train again from iteration 0 over the record), unless the state is given
+    (ckpt_path=) or is here, or the run stopped early (it may restart)."""
+    from dmd.train import refuse_a_bare_record
+
+    run = tmp_path / "run"
+    with hydra_job("train", run, "experiment=gmm_dmd2") as cfg:
+        record = {"status": "completed", "config": OmegaConf.to_container(cfg, resolve=True)}
+    (run / "results.json").write_text(json.dumps(record))
+    with hydra_job("train", run, "experiment=gmm_dmd2") as cfg:
+        refuse_a_bare_record(run, cfg)
+    with hydra_job("train", run, "experiment=gmm_dmd2", "seed=5") as cfg:
+        with pytest.raises(RunDirError, match="a completed run's record but not its training state"):
+            refuse_a_bare_record(run, cfg)
+    with hydra_job("train", run, "experiment=gmm_dmd2", "seed=5", f"ckpt_path={tmp_path}/state.ckpt") as cfg:
+        refuse_a_bare_record(run, cfg)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"state")
+    with hydra_job("train", run, "experiment=gmm_dmd2", "seed=5") as cfg:
+        refuse_a_bare_record(run, cfg)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "results.json").write_text(json.dumps({**record, "stopped_early": True}))
+    with hydra_job("train", run, "experiment=gmm_dmd2", "seed=5") as cfg:
+        refuse_a_bare_record(run, cfg)
