@@ -298,21 +298,21 @@ def claim_run_dir(cfg: DictConfig, task: str, resumable: bool = False, started=l
             raise invalid
         yield folder, None
         return
-    def refused():
+    def check():  # the reuse rules, then the command's own refusals
         changes = check_reuse(folder, task, cfg, resumable, started(folder), compare=invalid is None)
         if refuse is not None and invalid is None:
             refuse(folder, cfg)
         return changes
 
     try:
-        refused()
+        check()
     except RunDirError:
         _drop_empty_job_log(folder)
         raise
     lock = _Lock(folder)
     lock.acquire()
     try:
-        changes = refused()
+        changes = check()
         resume = None if changes is None else {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": job_overrides(),
             "changed": changes, "git": provenance["git"]}  # which code ran from here on

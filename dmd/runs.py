@@ -29,18 +29,26 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(f"Bad config: {message}")
 
 
+def saved_states(out_dir: Path) -> list[Path]:
+    """The run dir's training saves that exist: ``last.ckpt``, then the previous whole save
+    beside it (``last.ckpt.prev``; a sharded save's ``last.ckpt.old``)."""
+    from dmd.callbacks.checkpoint import previous_save
+
+    last = Path(out_dir) / "checkpoints" / "last.ckpt"
+    return [c for c in (last, previous_save(last), previous_save(last, sharded=True)) if c.exists()]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     """``ckpt_path=last`` resumes from ``<run dir>/checkpoints/last.ckpt`` when it exists, or
     else from the previous whole save beside it (``last.ckpt.prev``; a sharded save's
     ``last.ckpt.old``) when the latest is missing or truncated. Nothing is deleted."""
-    from dmd.callbacks.checkpoint import previous_save, whole_checkpoint
+    from dmd.callbacks.checkpoint import whole_checkpoint
 
     if ckpt_path in (None, "", "none"):
         return None
     if ckpt_path == "last":
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
-        candidates = [last, previous_save(last), previous_save(last, sharded=True)]
-        existing = [c for c in candidates if c.exists()]
+        existing = saved_states(out_dir)
         if not existing:
             log.info("ckpt_path=last but %s does not exist yet: starting fresh.", last)
             return None

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dmd.build import build_module, student_init
-from dmd.callbacks.checkpoint import checkpoint_iteration, previous_save
+from dmd.callbacks.checkpoint import checkpoint_iteration
 from dmd.callbacks.evaluation import EvaluationCallback
 from dmd.callbacks.rounds import RoundReleases
 from dmd.distances import build_distance, digest
@@ -45,6 +45,7 @@ from dmd.runs import (
     job_overrides,
     require,
     resolve_ckpt_path,
+    saved_states,
 )
 from dmd.student import StudentModule
 from dmd.teachers import Teacher, weights_digest
@@ -103,8 +104,7 @@ def check_training_signals(cfg: DictConfig) -> None:
 
 def has_checkpoint(folder: Path) -> bool:
     """Whether a train run dir holds a training state to resume from."""
-    last = folder / "checkpoints" / "last.ckpt"
-    return any(p.exists() for p in (last, previous_save(last), previous_save(last, sharded=True)))
+    return bool(saved_states(folder))
 
 
 def completed_record(folder: Path) -> dict | None:

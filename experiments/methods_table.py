@@ -90,8 +90,9 @@ def scored_row(run: Path, results: dict) -> tuple[dict | None, str | None]:
         return None, f"{run}: records no scored training run (score it again with this version's dmd.evaluate)"
     path = locate(scored["path"], config)
     trained, why = load(path)
-    if trained is None or unfinished(path, trained):
-        return None, f"{run}: scores {why or unfinished(path, trained)}"
+    why = why or unfinished(path, trained)
+    if why:
+        return None, f"{run}: scores {why}"
     now = {k: trained.get(k) for k in scored["training"]}
     if now != scored["training"]:
         return None, f"{run}: scored {path} as {scored['training']}; it now records {now}: score it again"
