@@ -35,7 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {"fid_fmnist_vs_data": "FID (fmnist)", "fid_fmnist_resnet_vs_data": "FID (resnet)",
            "precision_fmnist_vs_data": "precision", "recall_fmnist_vs_data": "recall",
            "class_consistency": "class consistency"}
-METHOD_ORDER = ("dmd", "sid", "kd", "cd", "pd")
+METHOD_ORDER = ("dmd", "dmd2", "sid", "kd", "cd", "pd")
+
+
+def method_name(algorithm: dict) -> str:
+    """The row's method: algorithm.method, with DMD's loop named dmd2 when it runs DMD2's two
+    time-scale update rule (several fake-score updates per generator update)."""
+    method = algorithm.get("method", "dmd")
+    return "dmd2" if method == "dmd" and algorithm.get("ttur_ratio", 1) > 1 else method
 
 
 def load(run: Path) -> tuple[dict | None, str | None]:
@@ -72,7 +79,7 @@ def comparable_evaluator(config: dict) -> dict:
 
 
 def row(run: Path, results: dict, trained: dict, generator: tuple, evaluation: tuple) -> dict:
-    return {"dir": str(run), "method": trained["config"]["algorithm"].get("method", "dmd"),
+    return {"dir": str(run), "method": method_name(trained["config"]["algorithm"]),
             "steps": results["nfe"], "seed": trained["config"]["seed"],
             "network_passes": trained.get("network_passes"), "iterations": trained["iterations"],
             "wall_seconds": trained["wall_seconds"], "metrics": results["metrics"],
@@ -128,7 +135,7 @@ def read_runs(paths) -> tuple[list[dict], list[str]]:
 def cell(values: list[float], digits: int) -> str:
     if not values:
         return "-"
-    if len(values) == 1:
+    if len(set(values)) == 1:  # one seed, or every seed the same (e.g. the passes of a budget)
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 

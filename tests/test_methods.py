@@ -239,12 +239,12 @@ def test_each_method_builds_its_own_module_from_the_registry(tmp_path, preset, m
 EVALUATOR = {"_target_": "dmd.metrics.Evaluator", "kid_subsets": 100, "cache_dir": "/cache/references"}
 
 
-def _record(folder, method, seed, fid, status="completed", stopped_early=False, nfe=1):
+def _record(folder, method, seed, fid, status="completed", stopped_early=False, nfe=1, ttur_ratio=1):
     folder.mkdir(parents=True)
     folder.joinpath("results.json").write_text(json.dumps({
         "status": status, "stopped_early": stopped_early, "nfe": nfe, "iterations": 100, "network_passes": 480,
         "wall_seconds": 60.0, "metrics": {"fid_fmnist_vs_data": fid, "num_samples": 1000},
-        "config": {"algorithm": {"method": method}, "seed": seed, "eval": {"seed": 0, "evaluator": EVALUATOR}}}))
+        "config": {"algorithm": {"method": method, "ttur_ratio": ttur_ratio}, "seed": seed, "eval": {"seed": 0, "evaluator": EVALUATOR}}}))
 
 
 def _scored(folder, trained, nfe, fid, num_samples=1000, iterations=100, ckpt="run"):
@@ -274,6 +274,7 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     _record(sweep / "dmd_0", "dmd", 0, 3.0)
     _record(sweep / "dmd_1", "dmd", 1, 9.0, stopped_early=True)
     _record(sweep / "dmd_2", "dmd", 2, 9.0, status="failed")
+    _record(sweep / "dmd2_0", "dmd", 0, 2.5, ttur_ratio=5)  # DMD's loop at TTUR 5: DMD2's row
     (sweep / "cd_0" / ".hydra").mkdir(parents=True)  # a job still running: no results.json yet
     (sweep / "dmd_3").mkdir()  # one evaluated during training, not finished: no status yet
     (sweep / "dmd_3" / "results.json").write_text(json.dumps({"evaluations": [], "teacher_metrics": {}}))
@@ -299,10 +300,12 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     assert rows["cd"]["seeds"] == [1, 2] and rows["cd"]["fid_fmnist_vs_data"] == [7.0, 7.5]
     assert rows["sid"]["fid_fmnist_vs_data"] == [1.0, 2.0] and rows["sid"]["seeds"] == [0, 1]
     assert rows["dmd"]["fid_fmnist_vs_data"] == [3.0] and rows["dmd"]["seeds"] == [0]
+    assert rows["dmd2"]["fid_fmnist_vs_data"] == [2.5]
     assert rows["sid"]["latency_ms_per_image"] is None
     text = out.with_suffix(".md").read_text()
     assert "| sid | 1 | 1.500 ± 0.707 |" in text and "| dmd | 1 | 3.000 |" in text
-    assert text.index("| dmd |") < text.index("| sid |")
+    assert text.index("| dmd |") < text.index("| dmd2 |") < text.index("| sid |")
+    assert "| 480 | 100 |" in text and "± 0 " not in text  # equal passes: no "± 0"
     assert "Not averaged in (9)" in text and "dmd_1: completed (stopped early)" in text and "dmd_2: failed" in text
     assert "cd_0: no results.json (still running" in text and "dmd_3: no final record yet" in text
     assert f"seed_1: seed 1 of cd at 2 steps again (counted once: {sweep / 'cd_2step_1'})" in text
