@@ -51,6 +51,7 @@ def score(cfg: DictConfig, out_dir: Path) -> Path:
     evaluator.teacher = teacher  # set after: instantiate() would turn the dataclass into a config
     if cfg.ckpt:
         generator, info = load_generator(cfg.ckpt, cfg.get("timesteps"))
+        scored = scored_generator(Path(cfg.ckpt), generator.timesteps)  # before the work: it may refuse
         model = generator_model(generator, info, f"generator {Path(cfg.ckpt).name}", cfg.seed)
     else:
         s = cfg.sampler
@@ -60,7 +61,7 @@ def score(cfg: DictConfig, out_dir: Path) -> Path:
                                       cfg.batch_size, lat.batch_sizes, lat.repeats, lat.warmup)
     results["teacher_metrics"] = evaluator.teacher_metrics(cfg.eval.num_samples)
     if cfg.ckpt:
-        results["generator"] = scored_generator(Path(cfg.ckpt), generator.timesteps)
+        results["generator"] = scored
     results.update(command=" ".join(["python -m dmd.evaluate", *sys.argv[1:]]),
                    provenance=run_provenance(),
                    wall_seconds=round(time.time() - started, 1),
@@ -82,8 +83,10 @@ def scored_generator(ckpt: Path, timesteps: list[int]) -> dict:
     scored = {"path": str(ckpt.expanduser().resolve()), "timesteps": list(timesteps)}
     try:
         record = read_results(ckpt / "results.json")
-    except (OSError, ValueError):
-        record = {}
+    except (OSError, ValueError) as err:  # a score must not lose which training it belongs to
+        raise ValueError(f"{ckpt / 'results.json'} is unreadable ({err}): it records the training this "
+                         f"score would belong to. Restore it (e.g. git checkout of a committed record), or "
+                         f"score the weights alone: ckpt={ckpt / 'generator'}") from err
     if not record:  # a bare generator folder
         return scored
     scored["training"] = {k: record.get(k) for k in ("status", "iterations", "network_passes")}

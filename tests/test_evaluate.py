@@ -191,3 +191,21 @@ def test_every_evaluation_path_scores_samples_against_the_labels_they_were_drawn
                              release_generator=lambda: generator)
     trainer = SimpleNamespace(global_rank=0, default_root_dir=str(tmp_path), loggers=[], global_step=1)
     assert callback.evaluate(trainer, module)["class_consistency"] == 1.0
+
+
+def test_a_score_records_the_training_it_belongs_to_or_refuses_an_unreadable_record(tmp_path):
+    """dmd.evaluate of a run dir records the run's status, iterations and passes beside the score
+    (methods_table tells a score of the run as it stands from a stale one); a bare generator
+    folder has none; a run whose results.json is unreadable is refused before any sampling,
+    naming the file and the fix, rather than scored as if it had no training."""
+    from dmd.evaluate import scored_generator
+
+    assert "training" not in scored_generator(tmp_path, [999])
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "iterations": 7,
+                                                       "network_passes": 96, "metrics": {}}))
+    scored = scored_generator(tmp_path, [999, 499])
+    assert scored == {"path": str(tmp_path.resolve()), "timesteps": [999, 499],
+                      "training": {"status": "completed", "iterations": 7, "network_passes": 96}}
+    (tmp_path / "results.json").write_text('{"status": "compl')
+    with pytest.raises(ValueError, match=r"results.json is unreadable .*ckpt=.*generator"):
+        scored_generator(tmp_path, [999])
