@@ -12,7 +12,8 @@ and 4-step rows, conf/sweep/methods_cd_steps.yaml), and groups them by (algorith
 generator steps), one record per training seed. Latency: one released
 generator per group, ms/image at ``--latency-batch`` (warm median, dmd.latency) on this
 machine. Runs that failed or stopped before their budget are listed, never averaged in.
-Writes ``<out>.md`` and ``<out>.json``.
+Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (each FID against the number of steps, one
+line per method through the seeds' means, every seed's value as a dot).
 """
 
 from __future__ import annotations
@@ -140,6 +141,34 @@ def cell(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """FID in both feature spaces against NFE: a line per method through the means, a dot per seed
+    (with 1-3 seeds the dots say more than an error bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [k for k in COLUMNS if k.startswith("fid_")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), dpi=110)
+    for ax, metric in zip(axes, metrics):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            points = [(r["steps"], r[metric]) for r in rows if r["method"] == method and r[metric]]
+            color = f"C{i}"
+            ax.plot([s for s, _ in points], [statistics.mean(v) for _, v in points], marker="o", color=color,
+                    label=method)
+            for steps, values in points:
+                ax.scatter([steps] * len(values), values, s=10, color=color, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4], ["1", "2", "4"])
+        ax.set_xlabel("steps (NFE)")
+        ax.set_ylabel(f"{COLUMNS[metric]}, lower is better")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="sweep dirs or run dirs")
@@ -198,6 +227,7 @@ def main() -> None:
         "which no run trained with).", f"Latency: {latency}.",
               *(["", f"Not averaged in ({len(skipped)}):", *[f"- {s}" for s in skipped]] if skipped else [])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, out.with_suffix(".png"))
     print("\n".join(lines))
 
 

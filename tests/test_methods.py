@@ -302,6 +302,7 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     assert rows["dmd"]["fid_fmnist_vs_data"] == [3.0] and rows["dmd"]["seeds"] == [0]
     assert rows["dmd2"]["fid_fmnist_vs_data"] == [2.5]
     assert rows["sid"]["latency_ms_per_image"] is None
+    assert out.with_suffix(".png").stat().st_size > 0
     text = out.with_suffix(".md").read_text()
     assert "| sid | 1 | 1.500 ± 0.707 |" in text and "| dmd | 1 | 3.000 |" in text
     assert text.index("| dmd |") < text.index("| dmd2 |") < text.index("| sid |")
