@@ -102,11 +102,6 @@ def check_training_signals(cfg: DictConfig) -> None:
                       evaluator)
 
 
-def has_checkpoint(folder: Path) -> bool:
-    """Whether a train run dir holds a training state to resume from."""
-    return bool(saved_states(folder))
-
-
 def completed_record(folder: Path) -> dict | None:
     """The run's results.json if it records a completed training, else None."""
     try:
@@ -118,7 +113,7 @@ def completed_record(folder: Path) -> dict | None:
 
 def has_trained_state(folder: Path) -> bool:
     """Whether a train run dir holds training progress (a checkpoint or a completed record)."""
-    return completed_record(folder) is not None or has_checkpoint(folder)
+    return completed_record(folder) is not None or bool(saved_states(folder))
 
 
 def refuse_a_bare_record(folder: Path, cfg: DictConfig) -> None:
@@ -127,7 +122,7 @@ def refuse_a_bare_record(folder: Path, cfg: DictConfig) -> None:
     settings it would train again from iteration 0 and replace the record of what completed.
     (A run stopped early, e.g. by trainer.max_time, before its first checkpoint may restart.)"""
     record = completed_record(folder)
-    if record is None or record.get("stopped_early") or has_checkpoint(folder):
+    if record is None or record.get("stopped_early") or saved_states(folder):
         return
     if cfg.get("ckpt_path") not in (None, "", "none", "last"):  # its state is given from elsewhere
         return
