@@ -11,7 +11,9 @@ wall time), and every dmd.evaluate record of such a run's generator at other tim
 and 4-step rows, conf/sweep/methods_cd_steps.yaml), and groups them by (algorithm.method,
 generator steps), one record per training seed. Latency: one released
 generator per group, ms/image at ``--latency-batch`` (warm median, dmd.latency) on this
-machine. Runs that failed or stopped before their budget are listed, never averaged in.
+machine, measured in ``--latency-rounds`` rounds that each time every group once, and the
+median over rounds reported (so a drift of the machine's speed during the measurement
+spreads over all groups instead of favouring the ones timed first). Runs that failed or stopped before their budget are listed, never averaged in.
 Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (each FID against the number of steps, one
 line per method through the seeds' means, every seed's value as a dot).
 """
@@ -169,11 +171,23 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def interleaved(measure, keys, rounds: int) -> dict:
+    """``measure(key)`` ``rounds`` times for each key, every key once per round (k1, k2, ...,
+    k1, k2, ...) rather than each key's rounds back to back: the values of each key, in order."""
+    values = defaultdict(list)
+    for _ in range(rounds):
+        for key in keys:
+            values[key].append(measure(key))
+    return dict(values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="sweep dirs or run dirs")
     parser.add_argument("--out", default="experiments/results/methods_fmnist")
     parser.add_argument("--latency-batch", type=int, default=64)
+    parser.add_argument("--latency-rounds", type=int, default=3,
+                        help="rounds over all groups; each group's latency is its median over rounds")
     parser.add_argument("--skip-latency", action="store_true",
                         help="leave ms/image out (e.g. when other jobs share the machine: it would not be a measurement)")
     args = parser.parse_args()
@@ -187,22 +201,32 @@ def main() -> None:
             continue
         groups[(r["method"], r["steps"])].append(r)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    for (method, steps), members in sorted(groups.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0]), kv[0][1])):
-        latency = None
-        # any member's released generator will do (one UNet per group); a sweep's committed
-        # records keep no weights, so a group may have none on this machine
-        released = [m["generator"] for m in members if (Path(m["generator"][0]) / "generator").is_dir()]
-        if not args.skip_latency and released:
+    order = sorted(groups, key=lambda key: (METHOD_ORDER.index(key[0]), key[1]))
+    # any member's released generator will do (one UNet per group); a sweep's committed
+    # records keep no weights, so a group may have none on this machine
+    generators = {}
+    for key in [] if args.skip_latency else order:
+        released = [m["generator"] for m in groups[key] if (Path(m["generator"][0]) / "generator").is_dir()]
+        if released:
             generator, info = load_generator(*released[0])
-            generator = generator.to(device)
-            latency = latency_ms_per_image(lambda noise, cond, uncond, g=generator: g(noise, cond), info,
-                                           args.latency_batch, device)
+            generators[key] = (generator.to(device), info)
+
+    def measure(key):
+        generator, info = generators[key]
+        return latency_ms_per_image(lambda noise, cond, uncond: generator(noise, cond), info,
+                                    args.latency_batch, device)
+
+    rounds = interleaved(measure, list(generators), args.latency_rounds)
+    rows = []
+    for key in order:
+        (method, steps), members = key, groups[key]
         row = {"method": method, "steps": steps, "n": len(members), "seeds": sorted(m["seed"] for m in members),
-               "latency_ms_per_image": latency, "runs": [m["dir"] for m in members]}
-        for key in (*COLUMNS, "network_passes", "iterations", "wall_seconds"):
-            values = [m["metrics"].get(key) if key in COLUMNS else m[key] for m in members]
-            row[key] = [v for v in values if v is not None]
+               "runs": [m["dir"] for m in members],
+               "latency_ms_per_image": statistics.median(rounds[key]) if key in rounds else None,
+               "latency_ms_per_image_rounds": rounds.get(key, [])}
+        for column in (*COLUMNS, "network_passes", "iterations", "wall_seconds"):
+            values = [m["metrics"].get(column) if column in COLUMNS else m[column] for m in members]
+            row[column] = [v for v in values if v is not None]
         rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +241,8 @@ def main() -> None:
             f"{'-' if r['latency_ms_per_image'] is None else format(r['latency_ms_per_image'], '.2f')} | "
             f"{', '.join(map(str, r['seeds']))} |")
     latency = ("not measured (--skip-latency)" if args.skip_latency else
-               f"warm median ms per image at batch {args.latency_batch} on {device_name(device)}"
+               f"warm median ms per image at batch {args.latency_batch} on {device_name(device)}, "
+               f"median of {args.latency_rounds} rounds over all groups"
                + ("; '-': no released generator of the group on this machine (records only)"
                   if any(r["latency_ms_per_image"] is None for r in rows) else ""))
     evaluations = sorted({m["evaluation"] for members in groups.values() for m in members}, key=str)

@@ -264,7 +264,8 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     completed runs' seeds; a run stopped early or failed is listed, never averaged in; a group
     whose generators are not on this machine (a sweep's committed records) gets no latency; a
     dmd.evaluate record of a run at other steps is a row of that run's method and seed, once,
-    only while it scores the run as it stands under the run's own evaluation protocol."""
+    only while it scores the run as it stands under the run's own evaluation protocol. Latency
+    is timed in rounds over the groups with a generator here, each group's median over rounds."""
     spec = importlib.util.spec_from_file_location("methods_table", ROOT / "experiments" / "methods_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
@@ -290,6 +291,11 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     _scored(sweep / "cd_steps" / "seed_2_4_10k", sweep / "cd_2", 4, 5.0, num_samples=10000)  # another protocol
     _scored(sweep / "cd_steps" / "seed_3", sweep / "cd_3", 2, 1.0)  # its training run is not here
     _scored(sweep / "cd_steps" / "teacher", sweep / "cd_2", 4, 1.0, ckpt=None)  # dmd.evaluate of the teacher
+    (sweep / "dmd_0" / "generator").mkdir()  # released generators of two groups (loading faked)
+    (sweep / "dmd2_0" / "generator").mkdir()
+    monkeypatch.setattr(table, "load_generator", lambda *released: (torch.nn.Identity(), None))
+    timings = iter([6.0, 10.0, 1.0, 20.0, 2.0, 30.0])  # in call order: dmd, dmd2, dmd, dmd2, ...
+    monkeypatch.setattr(table, "latency_ms_per_image", lambda *args: next(timings))
     out = tmp_path / "table"
     monkeypatch.setattr(sys, "argv", ["methods_table.py", str(sweep), "--out", str(out)])
     table.main()
@@ -302,6 +308,8 @@ def test_methods_table_averages_completed_runs_over_seeds_and_lists_the_rest(tmp
     assert rows["dmd"]["fid_fmnist_vs_data"] == [3.0] and rows["dmd"]["seeds"] == [0]
     assert rows["dmd2"]["fid_fmnist_vs_data"] == [2.5]
     assert rows["sid"]["latency_ms_per_image"] is None
+    assert rows["dmd"]["latency_ms_per_image_rounds"] == [6.0, 1.0, 2.0] and rows["dmd"]["latency_ms_per_image"] == 2.0
+    assert rows["dmd2"]["latency_ms_per_image"] == 20.0
     assert out.with_suffix(".png").stat().st_size > 0
     text = out.with_suffix(".md").read_text()
     assert "| sid | 1 | 1.500 ± 0.707 |" in text and "| dmd | 1 | 3.000 |" in text
