@@ -235,8 +235,8 @@ def test_each_method_builds_its_own_module_from_the_registry(tmp_path, preset, m
     assert (getattr(built, "fake_score", None) is not None) == fake_score
     assert built.generator.sampling == sampling
     assert bool(planned_lengths(cfg)) == (preset == "gmm_pd")
-    if preset == "gmm_sid":
-        assert built.alpha == cfg.algorithm.sid.alpha
+    if preset == "gmm_sid":  # SiD's loss and no GAN (gmm_dmd2, its base, turns one on)
+        assert built.alpha == cfg.algorithm.sid.alpha and not built.use_gan and built.gan_head is None
 
 
 EVALUATOR = {"_target_": "dmd.metrics.Evaluator", "kid_subsets": 100, "cache_dir": "/cache/references"}
