@@ -2,7 +2,7 @@
 consistency and progressive distillation at 1, 2 and 4 steps, mean +- std over seeds.
 
     python experiments/methods_table.py outputs/sweeps/methods [more sweep or run dirs] \
-        [--out experiments/results/methods_fmnist] [--latency-batch 64]
+        [--out experiments/results/methods_fmnist] [--latency-batch 64] [--latency-rounds 3]
 
 Reads every finished run's results.json under the given dirs (its final evaluation: FID in the
 Inception-free Fashion-MNIST classifier's feature space and in the independent ResNet's,
@@ -191,6 +191,9 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true",
                         help="leave ms/image out (e.g. when other jobs share the machine: it would not be a measurement)")
     args = parser.parse_args()
+    if args.latency_rounds < 1 or args.latency_batch < 1:
+        parser.error(f"--latency-rounds {args.latency_rounds} / --latency-batch {args.latency_batch}: both must be "
+                     ">= 1 (to leave latency out, pass --skip-latency)")
     runs, skipped = read_runs(args.paths)
     groups = defaultdict(list)
     for r in runs:
