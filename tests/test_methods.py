@@ -235,7 +235,7 @@ def test_each_method_builds_its_own_module_from_the_registry(tmp_path, preset, m
     assert (getattr(built, "fake_score", None) is not None) == fake_score
     assert built.generator.sampling == sampling
     assert bool(planned_lengths(cfg)) == (preset == "gmm_pd")
-    if preset == "gmm_sid":  # SiD's loss and no GAN (gmm_dmd2, its base, turns one on)
+    if preset == "gmm_sid":  # SiD's loss and no GAN (algorithm/sid.yaml; gmm_dmd2, its base, sets none)
         assert built.alpha == cfg.algorithm.sid.alpha and not built.use_gan and built.gan_head is None
 
 
