@@ -13,7 +13,8 @@ generator steps), one record per training seed. Latency: one released
 generator per group, ms/image at ``--latency-batch`` (warm median, dmd.latency) on this
 machine, measured in ``--latency-rounds`` rounds that each time every group once, and the
 median over rounds reported (so a drift of the machine's speed during the measurement
-spreads over all groups instead of favouring the ones timed first). Runs that failed or stopped before their budget are listed, never averaged in.
+spreads over all groups instead of favouring the ones timed first). Runs that failed or
+stopped before their budget are listed, never averaged in.
 Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (each FID against the number of steps, one
 line per method through the seeds' means, every seed's value as a dot).
 """
